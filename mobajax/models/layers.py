@@ -1,0 +1,88 @@
+"""Flax Linen building blocks shared by the decoder families.
+
+Shape letters: B batch, T tokens, D model dim, N query heads, K kv heads, H head dim, F MLP dim.
+Parameters are stored in the compute dtype of the module (`dtype`); norms compute in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mobajax.attention import AttentionSpec, KVCache, attend
+from mobajax.models.config import RopeConfig
+from mobajax.models.rope import apply_rope, inverse_frequencies
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale over the last axis, in float32, cast back to x's dtype."""
+
+    eps: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return scale * normed.astype(x.dtype)
+
+
+def dense(features: int, name: str, use_bias: bool, dtype: Any) -> nn.Dense:
+    """A linear layer with kernel [in, out] (HF's weight transposed)."""
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=dtype, name=name)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x)); x [B, T, D] -> [B, T, D]."""
+
+    intermediate_size: int
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = dense(self.intermediate_size, "gate_proj", self.use_bias, self.dtype)(x)
+        up = dense(self.intermediate_size, "up_proj", self.use_bias, self.dtype)(x)
+        return dense(x.shape[-1], "down_proj", self.use_bias, self.dtype)(nn.silu(gate) * up)
+
+
+class Attention(nn.Module):
+    """Self-attention with RoPE, GQA, optional q/k/v bias and q/k RMSNorm (Qwen3).
+
+    x [B, T, D], positions [B, T] -> ([B, T, D], updated cache). The attention itself goes
+    through `mobajax.attention.attend` (the single dispatch point).
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    spec: AttentionSpec
+    rope: RopeConfig
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    norm_eps: float = 1e-6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, cache: KVCache | None
+    ) -> tuple[jax.Array, KVCache | None]:
+        b, t, d = x.shape
+        n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
+        q = dense(n * h, "q_proj", self.qkv_bias, self.dtype)(x).reshape(b, t, n, h)
+        key = dense(k * h, "k_proj", self.qkv_bias, self.dtype)(x).reshape(b, t, k, h)
+        value = dense(k * h, "v_proj", self.qkv_bias, self.dtype)(x).reshape(b, t, k, h)
+        if self.qk_norm:
+            q = RMSNorm(self.norm_eps, self.dtype, name="q_norm")(q)
+            key = RMSNorm(self.norm_eps, self.dtype, name="k_norm")(key)
+        inv_freq, rope_factor = inverse_frequencies(self.rope, h)
+        q = apply_rope(q, positions, inv_freq, rope_factor)
+        key = apply_rope(key, positions, inv_freq, rope_factor)
+        out, cache = attend(q, key, value, positions, cache, self.spec, scale=h**-0.5)
+        out = dense(d, "o_proj", self.o_bias, self.dtype)(out.reshape(b, t, n * h))
+        return out, cache

@@ -1,0 +1,84 @@
+"""The Llama decoder family: Llama (incl. Llama 3 rope scaling), Mistral, Qwen2, Qwen3.
+
+One functional Flax Linen module: `Decoder(config, dtype).apply({"params": p}, tokens, positions,
+caches)`. The KV cache is an explicit argument and result (no mutable collections).
+
+Shape letters: B batch, T tokens, D model dim, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mobajax.attention import KVCache
+from mobajax.models.config import ModelConfig
+from mobajax.models.layers import Attention, GatedMLP, RMSNorm, dense
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)); x [B, T, D]."""
+
+    config: ModelConfig
+    layer: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, cache: KVCache | None
+    ) -> tuple[jax.Array, KVCache | None]:
+        c = self.config
+        attn = Attention(
+            num_heads=c.num_heads,
+            num_kv_heads=c.num_kv_heads,
+            head_dim=c.head_dim,
+            spec=c.attention_spec(self.layer),
+            rope=c.rope,
+            qkv_bias=c.qkv_bias,
+            o_bias=c.o_bias,
+            qk_norm=c.qk_norm,
+            norm_eps=c.rms_norm_eps,
+            dtype=self.dtype,
+            name="attn",
+        )
+        h, cache = attn(RMSNorm(c.rms_norm_eps, self.dtype, name="input_norm")(x), positions, cache)
+        x = x + h
+        mlp = GatedMLP(c.intermediate_size, c.mlp_bias, self.dtype, name="mlp")
+        x = x + mlp(RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_norm")(x))
+        return x, cache
+
+
+class Decoder(nn.Module):
+    """Token ids [B, T] at positions [B, T] -> (logits [B, T, V] float32, caches).
+
+    caches: None for a full-sequence forward, else one `KVCache` per layer (see
+    `mobajax.attention.init_kv_cache`); the updated caches are returned.
+    """
+
+    config: ModelConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        caches: tuple[KVCache, ...] | None = None,
+    ) -> tuple[jax.Array, tuple[KVCache, ...] | None]:
+        c = self.config
+        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype, name="embed")
+        x = embed(tokens)
+        new_caches = []
+        for i in range(c.num_layers):
+            layer = DecoderLayer(c, i, self.dtype, name=f"layers_{i}")
+            x, cache = layer(x, positions, None if caches is None else caches[i])
+            new_caches.append(cache)
+        x = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x)
+        if c.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = dense(c.vocab_size, "lm_head", False, self.dtype)(x)
+        return logits.astype(jnp.float32), (None if caches is None else tuple(new_caches))
