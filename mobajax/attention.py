@@ -15,6 +15,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mobajax.moba import moba_attention_reference, moba_selected_chunks  # noqa: F401
+
 IMPLEMENTATIONS = ("xla",)
 
 
