@@ -60,9 +60,10 @@ def torch_logits(model, tokens) -> "torch.Tensor":
 
 
 def torch_greedy(model, prompt, new_tokens: int) -> list[int]:
+    """Greedy continuation by full forwards in torch (no eos handling: exactly `new_tokens`)."""
+    tokens = list(prompt)
     with torch.no_grad():
-        out = model.generate(
-            torch.as_tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
-            min_new_tokens=new_tokens, pad_token_id=0,
-        )
-    return out[0, len(prompt):].tolist()
+        for _ in range(new_tokens):
+            logits = model(torch.as_tensor([tokens])).logits[0, -1]
+            tokens.append(int(torch.argmax(logits)))
+    return tokens[len(prompt):]
