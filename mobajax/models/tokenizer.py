@@ -94,9 +94,11 @@ def _byte_level_bpe(
         if len(parts) != 2:
             raise ValueError(f"GGUF tokenizer merge {merge!r} is not two tokens joined by a space")
         pairs.append((parts[0], parts[1]))
-    tokenizer = Tokenizer(
-        models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in _IGNORE_MERGES)
-    )
+    try:
+        bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in _IGNORE_MERGES)
+    except Exception as error:  # tokenizers raises a bare Exception
+        raise ValueError(f"GGUF tokenizer merges do not match its tokens: {error}") from error
+    tokenizer = Tokenizer(bpe)
     splits = [pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in PRE_TOKENIZER_SPLITS[pre]]
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
