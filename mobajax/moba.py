@@ -62,7 +62,7 @@ def _gate(q, k, block_size):
     kv = k.shape[1]
     kbar = chunk_means(k, block_size)
     qg = q.astype(jnp.float32).reshape(t, kv, n // kv, h)
-    return jnp.einsum("tkgh,ckh->tkgc", qg, kbar, precision=_HIGHEST).reshape(t, n, -1)
+    return jnp.einsum("tkgh,ckh->tkgc", qg, kbar, precision=_HIGHEST).reshape(t, n, kbar.shape[0])
 
 
 def moba_selected_chunks(
@@ -119,6 +119,8 @@ def chunk_attention(
     is O(query_tile * N * J * B * H), never O(T * S).
     """
     t, n, h = q.shape
+    if t == 0:
+        return jnp.zeros_like(q)
     kv = k.shape[1]
     tile = max(1, min(query_tile, t))
     pad = -t % tile

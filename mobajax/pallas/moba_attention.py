@@ -1,0 +1,399 @@
+"""MoBA prefill attention in Pallas (Triton lowering), ragged batches, with a custom VJP.
+
+Pipeline (one jit):
+1. `moba_gate`: pooled keys per chunk, then per (token, query head) the own chunk plus the top_k - 1
+   best past chunks -> sel [T, N, top_k] int32 (the only selection state in HBM).
+2. Work list (XLA): every (token, head, slot) row goes to the bucket (chunk, kv head) it reads;
+   one sort by bucket, then tiles of `block_q` rows that all read the same chunk of one kv head.
+3. `moba_attention_kernel`: per tile, gather the query rows, stream the chunk's keys (own-chunk rows
+   masked causally), write a normalised partial output and its log-sum-exp per row.
+4. Merge (XLA): the top_k partial states of each (token, head) combine by their log-sum-exps.
+Rows of all the query heads of one kv head share a tile, so K/V are read per kv head (GQA-native)
+and every matmul is a dense [block_q, H] x [H, block_k] tile, whatever each token selected.
+
+Log-sum-exps here are natural (base e). Backward: a custom VJP through the selected chunks
+(`mobajax.moba.chunk_attention`, plain XLA, rematerialised per query tile); the selection itself is
+not differentiable.
+
+Shape letters: T tokens, S keys, N query heads, K kv heads, H head dim, J slots (top_k),
+R = T * N * J rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from mobajax import moba as moba_ref
+from mobajax.pallas.moba_gate import (
+    MAX_CHUNKS,
+    MobaLayout,
+    chunk_means_pallas,
+    gather_rows,
+    moba_layout,
+    num_chunk_ids,
+    select_chunks_pallas,
+)
+
+_MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+
+
+def _pow2(x: int) -> bool:
+    return x >= 16 and x & (x - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MobaConfig:
+    """Tuning knobs (hashable; all powers of two >= 16 except the counts).
+
+    block_q: rows (token, head, slot) per attention program. block_k: keys per inner step.
+    gate_block_q: tokens per gate program (shrunk for many chunks). num_warps / num_stages:
+    Triton settings of the attention kernel. max_partial_bytes: float32 partial outputs held at
+    once; longer inputs run in several passes over the tokens.
+    """
+
+    block_q: int = 64
+    block_k: int = 64
+    gate_block_q: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    max_partial_bytes: int = 2**33
+
+    def __post_init__(self):
+        for name in ("block_q", "block_k", "gate_block_q"):
+            value = getattr(self, name)
+            if not _pow2(value):
+                raise ValueError(f"MobaConfig.{name}={value}: must be a power of two >= 16")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"MobaConfig.num_warps={self.num_warps}: must be 1, 2, 4, 8 or 16")
+        if self.num_stages < 1 or self.max_partial_bytes < 1:
+            raise ValueError(
+                f"num_stages={self.num_stages}, max_partial_bytes={self.max_partial_bytes}:"
+                " must be >= 1"
+            )
+
+
+def moba_attention_kernel(
+    tile_bucket_ref,  # [W] int32: bucket = chunk * K + kv head
+    tile_start_ref,  # [W] int32: first entry of the tile in order_ref
+    tile_len_ref,  # [W] int32: live rows of the tile (0: nothing to do)
+    order_ref,  # [R + block_q] int32: rows sorted by bucket
+    q_ref,  # [T * N, H]
+    pos_ref,  # [T] int32
+    k_ref,  # [S, K, H]
+    v_ref,  # [S, K, H]
+    chunk_start_ref,  # [C] int32
+    chunk_len_ref,  # [C] int32
+    chunk_pos_ref,  # [C] int32
+    o_ref,  # [R + 1, H] float32 (out; row R is a dump for dead lanes)
+    lse_ref,  # [R + 1] float32 (out), natural log
+    *,
+    block_q: int,
+    block_k: int,
+    num_heads: int,
+    num_kv_heads: int,
+    slots: int,
+    scale: float,
+):
+    i = pl.program_id(0)
+    live_rows = tile_len_ref[i]
+
+    @pl.when(live_rows > 0)
+    def _():
+        bucket = tile_bucket_ref[i]
+        c, h = bucket // num_kv_heads, bucket % num_kv_heads
+        lane = jnp.arange(block_q)
+        live = lane < live_rows
+        rows = plgpu.load(order_ref.at[pl.ds(tile_start_ref[i], block_q)])
+        rows = jnp.where(live, rows, 0)
+        tn = rows // slots
+        q = plgpu.load(gather_rows(q_ref, tn))  # [block_q, H]
+        p = jnp.where(live, plgpu.load(pos_ref.at[tn // num_heads]), -1)
+        start, size, pos0 = chunk_start_ref[c], chunk_len_ref[c], chunk_pos_ref[c]
+        num_keys = k_ref.shape[0]
+        offs = jnp.arange(block_k)
+
+        def body(j, carry):
+            acc, m, l = carry
+            idx = j * block_k + offs
+            keys = jnp.minimum(start + idx, num_keys - 1)
+            kk = plgpu.load(gather_rows(k_ref, keys, h))  # [block_k, H]
+            s = plgpu.dot(q, kk, trans_b=True) * (scale * _LOG2E)  # [block_q, block_k], base 2
+            seen = (idx < size)[None, :] & ((pos0 + idx)[None, :] <= p[:, None])
+            s = jnp.where(seen, s, _MASK)
+            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            corr = jnp.exp2(m - m_new)
+            w = jnp.exp2(s - m_new[:, None])
+            vv = plgpu.load(gather_rows(v_ref, keys, h))  # [block_k, H]
+            acc = acc * corr[:, None] + plgpu.dot(w.astype(vv.dtype), vv)
+            return acc, m_new, l * corr + jnp.sum(w, axis=1)
+
+        init = (
+            jnp.zeros((block_q, q.shape[-1]), jnp.float32),
+            jnp.full((block_q,), _MASK, jnp.float32),
+            jnp.zeros((block_q,), jnp.float32),
+        )
+        acc, m, l = jax.lax.fori_loop(0, pl.cdiv(size, block_k), body, init)
+        dump = jnp.where(live, rows, o_ref.shape[0] - 1)
+        plgpu.store(gather_rows(o_ref, dump), acc / l[:, None])
+        plgpu.store(lse_ref.at[dump], (m + jnp.log2(l)) * _LN2)
+
+
+def _work_list(sel, num_kv_heads, num_chunks, block_q):
+    """Sort rows by bucket (chunk, kv head) and cut them into tiles of one bucket each."""
+    num_tokens, num_heads, slots = sel.shape
+    num_buckets = num_chunks * num_kv_heads
+    kvh = (jnp.arange(num_heads, dtype=jnp.int32) // (num_heads // num_kv_heads))[None, :, None]
+    keys = jnp.where(sel >= 0, sel * num_kv_heads + kvh, num_buckets).reshape(-1)
+    rows = jnp.arange(keys.shape[0], dtype=jnp.int32)
+    _, order = jax.lax.sort((keys, rows), num_keys=1)
+    counts = jnp.zeros(num_buckets + 1, jnp.int32).at[keys].add(1)[:num_buckets]
+    first = jnp.cumsum(counts) - counts
+    tiles = -(-counts // block_q)
+    tile_end = jnp.cumsum(tiles)
+    num_tiles = -(-keys.shape[0] // block_q) + num_buckets  # static bound
+    w = jnp.arange(num_tiles, dtype=jnp.int32)
+    b = jnp.minimum(jnp.searchsorted(tile_end, w, side="right"), num_buckets - 1).astype(jnp.int32)
+    local = w - (tile_end[b] - tiles[b])
+    size = jnp.clip(counts[b] - local * block_q, 0, block_q)
+    size = jnp.where(w < tile_end[-1], size, 0)
+    start = jnp.where(size > 0, first[b] + local * block_q, 0)
+    order = jnp.pad(order, (0, block_q))
+    return b, start, size, order
+
+
+def _attend_pass(q, k, v, pos, sel, layout, *, scale, config, interpret):
+    """Attention of a run of tokens q [T, N, H] over their selected chunks -> [T, N, H]."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    slots = sel.shape[-1]
+    num_chunks = layout.chunk_len.shape[0]
+    block_q = config.block_q
+    bucket, start, size, order = _work_list(sel, num_kv_heads, num_chunks, block_q)
+    rows = num_tokens * num_heads * slots
+    kernel = functools.partial(
+        moba_attention_kernel,
+        block_q=block_q,
+        block_k=config.block_k,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        slots=slots,
+        scale=scale,
+    )
+    o, lse = pl.pallas_call(
+        kernel,
+        grid=(bucket.shape[0],),
+        out_shape=(
+            jax.ShapeDtypeStruct((rows + 1, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((rows + 1,), jnp.float32),
+        ),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=config.num_warps, num_stages=config.num_stages
+        ),
+        interpret=interpret,
+        name="moba_attention",
+    )(
+        bucket, start, size, order, q.reshape(-1, head_dim), pos, k, v,
+        layout.chunk_start, layout.chunk_len, layout.chunk_pos,
+    )  # fmt: skip
+    valid = sel >= 0
+    o = jnp.where(valid[..., None], o[:rows].reshape(num_tokens, num_heads, slots, head_dim), 0.0)
+    lse = jnp.where(valid, lse[:rows].reshape(num_tokens, num_heads, slots), -jnp.inf)
+    m = jnp.max(lse, axis=-1, keepdims=True)
+    w = jnp.exp(lse - jnp.where(jnp.isfinite(m), m, 0.0))
+    den = jnp.sum(w, axis=-1)
+    out = jnp.einsum("tnj,tnjh->tnh", w, o) / jnp.where(den == 0.0, 1.0, den)[..., None]
+    return out.astype(q.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    block_size: int
+    top_k: int
+    scale: float
+    config: MobaConfig
+    interpret: bool
+
+
+def _select(st: _Static, q, k, layout):
+    slots = min(st.top_k, -(-k.shape[0] // st.block_size))
+    block_k = min(st.config.block_k, max(16, pl.next_power_of_2(st.block_size)))
+    kbar = chunk_means_pallas(k, layout, block_k=block_k, interpret=st.interpret, num_warps=4)
+    return select_chunks_pallas(
+        q, kbar, layout, slots=slots, block_q=st.config.gate_block_q,
+        interpret=st.interpret, num_warps=4,
+    )  # fmt: skip
+
+
+def _forward(st: _Static, q, k, v, layout):
+    sel = _select(st, q, k, layout)
+    slots = sel.shape[-1]
+    config = dataclasses.replace(
+        st.config, block_k=min(st.config.block_k, max(16, pl.next_power_of_2(st.block_size)))
+    )
+    per_token = q.shape[1] * slots * q.shape[2] * 4
+    step = max(config.gate_block_q, config.max_partial_bytes // per_token)
+    outs = []
+    for t0 in range(0, q.shape[0], step):
+        t1 = min(q.shape[0], t0 + step)
+        outs.append(
+            _attend_pass(
+                q[t0:t1], k, v, layout.token_pos[t0:t1], sel[t0:t1], layout,
+                scale=st.scale, config=config, interpret=st.interpret,
+            )  # fmt: skip
+        )
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
+    return out, sel
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _moba(st: _Static, q, k, v, layout):
+    return _forward(st, q, k, v, layout)[0]
+
+
+def _moba_fwd(st, q, k, v, layout):
+    out, sel = _forward(st, q, k, v, layout)
+    return out, (q, k, v, layout, sel)
+
+
+def _moba_bwd(st, res, g):
+    q, k, v, layout, sel = res
+    elems = q.shape[1] * sel.shape[-1] * st.block_size * q.shape[2]
+
+    def f(q, k, v):
+        return moba_ref.chunk_attention(
+            q, k, v, layout.token_pos, sel, layout.chunk_start, layout.chunk_len,
+            layout.chunk_pos, block_size=st.block_size, scale=st.scale,
+            query_tile=max(1, 2**24 // elems),
+        )  # fmt: skip
+
+    _, vjp = jax.vjp(f, q, k, v)
+    dq, dk, dv = vjp(g.astype(q.dtype))
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jax.dtypes.float0), layout)
+    return dq, dk, dv, zeros
+
+
+_moba.defvjp(_moba_fwd, _moba_bwd)
+
+
+def _prepare(q, k, v, block_size, top_k, cu_seqlens_q, cu_seqlens_k, q_positions, check_v=True):
+    if q.ndim != 3 or k.ndim != 3 or (check_v and v.shape != k.shape):
+        raise ValueError(
+            f"want q [T, N, H] and k, v [S, K, H]; got {q.shape}, {k.shape}, "
+            f"{None if v is None else v.shape}"
+        )
+    if q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"head dims must match and N must be a multiple of K; got q {q.shape}, k {k.shape}"
+        )
+    if not _pow2(q.shape[2]) or q.shape[2] > 256:
+        raise ValueError(f"head dim {q.shape[2]}: must be a power of two in 16..256")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size={block_size!r}: must be an int >= 1")
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k={top_k!r}: must be an int >= 1")
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        raise ValueError("give both cu_seqlens_q and cu_seqlens_k, or neither")
+    if cu_seqlens_q is None:
+        cu_seqlens_q = jnp.array([0, q.shape[0]], jnp.int32)
+        cu_seqlens_k = jnp.array([0, k.shape[0]], jnp.int32)
+    if cu_seqlens_q.ndim != 1 or cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(
+            f"cu_seqlens_q {cu_seqlens_q.shape} and cu_seqlens_k {cu_seqlens_k.shape}:"
+            " want the same shape [B + 1]"
+        )
+    if q_positions is not None and q_positions.shape != (q.shape[0],):
+        raise ValueError(f"q_positions {q_positions.shape}: want [T] = ({q.shape[0]},)")
+    chunks = num_chunk_ids(k.shape[0], cu_seqlens_q.shape[0] - 1, block_size)
+    if chunks > MAX_CHUNKS:
+        raise ValueError(f"{chunks} chunks (S={k.shape[0]}, block_size={block_size}): at most "
+                         f"{MAX_CHUNKS} are supported; use a larger block_size")  # fmt: skip
+    return moba_layout(cu_seqlens_q, cu_seqlens_k, q_positions, q.shape[0], k.shape[0], block_size)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("block_size", "top_k", "scale", "config", "interpret")
+)
+def moba_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    block_size: int,
+    top_k: int,
+    cu_seqlens_q: jax.Array | None = None,
+    cu_seqlens_k: jax.Array | None = None,
+    q_positions: jax.Array | None = None,
+    scale: float | None = None,
+    config: MobaConfig = MobaConfig(),
+    interpret: bool = False,
+) -> jax.Array:
+    """MoBA attention of a flat ragged batch: q [T, N, H], k/v [S, K, H] -> [T, N, H].
+
+    Sequence b owns queries cu_seqlens_q[b]:cu_seqlens_q[b+1] and keys cu_seqlens_k[b]:
+    cu_seqlens_k[b+1] (int32 [B+1]; both None: one sequence). Its queries sit at positions
+    S_b - T_b + i (the tail of its keys) unless q_positions [T] gives them. Tokens past
+    cu_seqlens_q[-1] are padding and return zeros. Semantics of `mobajax.moba`
+    (ties between gate scores: lower chunk index wins). Differentiable in q, k, v.
+    """
+    layout = _prepare(q, k, v, block_size, top_k, cu_seqlens_q, cu_seqlens_k, q_positions)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _moba(_Static(block_size, top_k, scale, config, interpret), q, k, v, layout)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "top_k", "config", "interpret"))
+def moba_select(
+    q: jax.Array,
+    k: jax.Array,
+    *,
+    block_size: int,
+    top_k: int,
+    cu_seqlens_q: jax.Array | None = None,
+    cu_seqlens_k: jax.Array | None = None,
+    q_positions: jax.Array | None = None,
+    config: MobaConfig = MobaConfig(),
+    interpret: bool = False,
+) -> jax.Array:
+    """The kernel's selection [T, N, top_k] int32 in chunk ids local to each sequence.
+
+    Same layout as `mobajax.moba.moba_selected_chunks` (own chunk, then by decreasing gate
+    score, -1 past the candidates); padding tokens get -1 everywhere.
+    """
+    layout = _prepare(q, k, None, block_size, top_k, cu_seqlens_q, cu_seqlens_k, q_positions,
+                      check_v=False)  # fmt: skip
+    sel = _select(_Static(block_size, top_k, 1.0, config, interpret), q, k, layout)
+    sel = jnp.where(sel >= 0, sel - layout.token_lo[:, None, None], -1)
+    pad = top_k - sel.shape[-1]
+    return jnp.pad(sel, ((0, 0), (0, 0), (0, pad)), constant_values=-1) if pad else sel
+
+
+def moba_attention_reference(
+    q, k, v, *, block_size, top_k, cu_seqlens_q=None, cu_seqlens_k=None, q_positions=None,
+    scale=None,
+):  # fmt: skip
+    """`moba_attention` in plain jax.numpy, sequence by sequence (offsets must be concrete)."""
+    if cu_seqlens_q is None:
+        return moba_ref.moba_attention_reference(
+            q, k, v, block_size=block_size, top_k=top_k, q_positions=q_positions, scale=scale
+        )
+    outs = []
+    cq, ck = [int(x) for x in cu_seqlens_q], [int(x) for x in cu_seqlens_k]
+    for b in range(len(cq) - 1):
+        pos = None if q_positions is None else q_positions[cq[b] : cq[b + 1]]
+        outs.append(
+            moba_ref.moba_attention_reference(
+                q[cq[b] : cq[b + 1]], k[ck[b] : ck[b + 1]], v[ck[b] : ck[b + 1]],
+                block_size=block_size, top_k=top_k, q_positions=pos, scale=scale,
+            )  # fmt: skip
+        )
+    head = jnp.zeros((cq[0], *q.shape[1:]), q.dtype)
+    tail = jnp.zeros((q.shape[0] - cq[-1], *q.shape[1:]), q.dtype)
+    return jnp.concatenate([head, *outs, tail])
