@@ -183,9 +183,11 @@ def moba_attention_reference(
     starts = jnp.arange(-(-s // block_size), dtype=jnp.int32) * block_size
     lens = jnp.minimum(block_size, s - starts)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    tile = max(1, 2**24 // (q.shape[1] * top_k * block_size * q.shape[2]))
     return chunk_attention(
-        q, k, v, pos, chunks, starts, lens, starts, block_size=block_size, scale=scale
-    )
+        q, k, v, pos, chunks, starts, lens, starts, block_size=block_size, scale=scale,
+        query_tile=tile,
+    )  # fmt: skip
 
 
 def moba_attention_dense_mask(
