@@ -17,14 +17,18 @@ import jax.numpy as jnp
 
 from mobajax.moba import moba_attention_reference, moba_selected_chunks  # noqa: F401
 
-IMPLEMENTATIONS = ("xla",)
+from mobajax.pallas.kv_write import kv_write, kv_write_reference
+from mobajax.pallas.paged_prefill import paged_prefill
+
+IMPLEMENTATIONS = ("xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionSpec:
     """How a model attends (hashable: part of the frozen model config).
 
-    impl: one of `IMPLEMENTATIONS`.
+    impl: one of `IMPLEMENTATIONS`: "xla" (jax.numpy, any backend) or "pallas" (the Pallas
+      Triton kernels of `mobajax.pallas` for the paged cache; GPU only, no sliding window).
     sliding_window: if set, a query at position p sees keys at positions (p - window, p].
     """
 
@@ -36,6 +40,8 @@ class AttentionSpec:
             raise ValueError(f"attention impl {self.impl!r} is not one of {IMPLEMENTATIONS}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window}")
+        if self.impl == "pallas" and self.sliding_window is not None:
+            raise ValueError("the pallas attention kernels have no sliding window; use impl='xla'")
 
 
 class KVCache(NamedTuple):
@@ -47,6 +53,31 @@ class KVCache(NamedTuple):
 
     k: jax.Array
     v: jax.Array
+
+
+class PagedMetadata(NamedTuple):
+    """Where a flat batch's new tokens live in the page pool (one per step, shared by all layers).
+
+    slots [T]: pool slot (page * G + offset) of each new token, -1 for padding.
+    page_table [B, P_max]: pages of each sequence in position order.
+    cu_q_lens [B + 1]: sequence b owns tokens cu_q_lens[b]:cu_q_lens[b + 1].
+    kv_lens [B]: tokens in the cache per sequence, the new ones included.
+    token_seq [T]: the sequence row of each token (any row for padding). All int32.
+    """
+
+    slots: jax.Array
+    page_table: jax.Array
+    cu_q_lens: jax.Array
+    kv_lens: jax.Array
+    token_seq: jax.Array
+
+
+class PagedKVCache(NamedTuple):
+    """One layer's view of the page pool: k/v pages [P, G, K, H] (layout of `mobajax.pallas`)."""
+
+    k_pages: jax.Array
+    v_pages: jax.Array
+    meta: PagedMetadata
 
 
 def init_kv_cache(
@@ -105,22 +136,92 @@ def dense_attention_reference(
     return out.reshape(b, t, n, h).astype(q.dtype)
 
 
+def paged_attention_xla(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    meta: PagedMetadata,
+    q_positions: jax.Array,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """Paged causal attention of a flat ragged batch in jax.numpy, memory-bounded.
+
+    q [T, N, H], pools [P, G, K, H], q_positions [T] (-1 = padding) -> [T, N, H]. Loops over
+    page columns with an online softmax (natural base), gathering one page per token per
+    iteration: memory O(T * G * K * H), no [T, S] score matrix.
+    """
+    t, n, h = q.shape
+    g, kv_heads = k_pages.shape[1], k_pages.shape[2]
+    qg = q.reshape(t, kv_heads, n // kv_heads, h)
+    pages_of_token = meta.page_table[meta.token_seq]  # [T, P_max]
+    num_columns = (jnp.max(meta.kv_lens) + g - 1) // g
+
+    def body(j, state):
+        m, denom, acc = state  # [T, K, Gq], [T, K, Gq], [T, K, Gq, H]
+        page = pages_of_token[:, j]
+        k_pos = j * g + jnp.arange(g, dtype=jnp.int32)
+        visible = k_pos[None, :] <= q_positions[:, None]  # [T, G]
+        if sliding_window is not None:
+            visible &= k_pos[None, :] > q_positions[:, None] - sliding_window
+        keys = k_pages[page]  # [T, G, K, H]
+        values = jnp.where(visible[:, :, None, None], v_pages[page], 0)
+        s = jnp.einsum("tkqh,tgkh->tkqg", qg, keys, preferred_element_type=jnp.float32) * scale
+        s = jnp.where(visible[:, None, None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(s - m_safe[..., None])
+        correction = jnp.exp(m - m_safe)
+        acc = acc * correction[..., None] + jnp.einsum(
+            "tkqg,tgkh->tkqh", p.astype(values.dtype), values, preferred_element_type=jnp.float32
+        )
+        return m_new, denom * correction + jnp.sum(p, axis=-1), acc
+
+    stats_shape = (t, kv_heads, n // kv_heads)
+    init = (
+        jnp.full(stats_shape, -jnp.inf, jnp.float32),
+        jnp.zeros(stats_shape, jnp.float32),
+        jnp.zeros((*stats_shape, h), jnp.float32),
+    )
+    _, denom, acc = jax.lax.fori_loop(0, num_columns, body, init)
+    out = acc / jnp.where(denom == 0.0, 1.0, denom)[..., None]
+    return out.reshape(t, n, h).astype(q.dtype)
+
+
+def _attend_paged(q, k, v, positions, cache: PagedKVCache, spec: AttentionSpec, scale: float):
+    """Flat batch: q [1, T, N, H], k/v [1, T, K, H], positions [1, T]."""
+    meta = cache.meta
+    if spec.impl == "pallas":
+        k_pages, v_pages = kv_write(cache.k_pages, cache.v_pages, k[0], v[0], meta.slots)
+        out = paged_prefill(q[0], k_pages, v_pages, meta.page_table, meta.cu_q_lens, meta.kv_lens, scale=scale)
+    else:
+        k_pages, v_pages = kv_write_reference(cache.k_pages, cache.v_pages, k[0], v[0], meta.slots)
+        out = paged_attention_xla(
+            q[0], k_pages, v_pages, meta, positions[0], scale=scale, sliding_window=spec.sliding_window
+        )
+    return out[None], PagedKVCache(k_pages, v_pages, meta)
+
+
 def attend(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
     positions: jax.Array,
-    cache: KVCache | None,
+    cache: KVCache | PagedKVCache | None,
     spec: AttentionSpec,
     *,
     scale: float,
-) -> tuple[jax.Array, KVCache | None]:
+) -> tuple[jax.Array, KVCache | PagedKVCache | None]:
     """Attention of one layer: q [B, T, N, H] and new k/v [B, T, K, H] at positions [B, T].
 
     With `cache=None` the T tokens attend among themselves (full-sequence forward). With a cache,
     the new k/v are written first and the queries attend to every cached position <= their own.
-    Returns (out [B, T, N, H], updated cache or None).
+    With a `PagedKVCache`, B == 1 and the T tokens are a flat ragged batch of many sequences
+    described by the cache's metadata. Returns (out [B, T, N, H], updated cache or None).
     """
+    if isinstance(cache, PagedKVCache):
+        return _attend_paged(q, k, v, positions, cache, spec, scale)
     if cache is None:
         keys, values, k_positions = k, v, positions
     else:

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mobajax.attention import KVCache
+from mobajax.attention import KVCache, PagedKVCache
 from mobajax.models.config import ModelConfig
 from mobajax.models.layers import Attention, GatedMLP, RMSNorm, dense
 
@@ -54,8 +54,10 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     """Token ids [B, T] at positions [B, T] -> (logits [B, T, V] float32, caches).
 
-    caches: None for a full-sequence forward, else one `KVCache` per layer (see
-    `mobajax.attention.init_kv_cache`); the updated caches are returned.
+    caches: None for a full-sequence forward, else one cache per layer (`KVCache`, see
+    `mobajax.attention.init_kv_cache`, or the serving pool's `PagedKVCache`); the updated caches
+    are returned. logits_index [R] int32: if given, logits only for those flat token rows of a
+    B == 1 batch -> [1, R, V] (the LM head then skips the other rows).
     """
 
     config: ModelConfig
@@ -66,8 +68,9 @@ class Decoder(nn.Module):
         self,
         tokens: jax.Array,
         positions: jax.Array,
-        caches: tuple[KVCache, ...] | None = None,
-    ) -> tuple[jax.Array, tuple[KVCache, ...] | None]:
+        caches: tuple[KVCache | PagedKVCache, ...] | None = None,
+        logits_index: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[KVCache | PagedKVCache, ...] | None]:
         c = self.config
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype, name="embed")
         x = embed(tokens)
@@ -76,6 +79,8 @@ class Decoder(nn.Module):
             layer = DecoderLayer(c, i, self.dtype, name=f"layers_{i}")
             x, cache = layer(x, positions, None if caches is None else caches[i])
             new_caches.append(cache)
+        if logits_index is not None:
+            x = x[:, logits_index]
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x)
         if c.tie_word_embeddings:
             logits = embed.attend(x)
