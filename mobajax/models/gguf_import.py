@@ -312,7 +312,9 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFCheckpoint:
     metadata = {key: field.contents() for key, field in reader.fields.items()}
     arch = metadata.get("general.architecture")
     if arch is None:
-        raise ValueError(f"GGUF metadata of {path!r} is missing the required key 'general.architecture'")
+        raise ValueError(
+            f"GGUF metadata of {path!r} is missing the required key 'general.architecture'"
+        )
     if arch not in ARCHITECTURES:
         raise ValueError(
             f"Unsupported GGUF general.architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}"

@@ -99,7 +99,9 @@ def _byte_level_bpe(
     except Exception as error:  # tokenizers raises a bare Exception
         raise ValueError(f"GGUF tokenizer merges do not match its tokens: {error}") from error
     tokenizer = Tokenizer(bpe)
-    splits = [pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in PRE_TOKENIZER_SPLITS[pre]]
+    splits = [
+        pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in PRE_TOKENIZER_SPLITS[pre]
+    ]
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     )
@@ -219,7 +221,7 @@ def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any]) -> PreTrainedToken
 
 
 def load_hf_tokenizer(directory: str | os.PathLike[str]) -> PreTrainedTokenizerFast | None:
-    """The tokenizer of a Hugging Face checkpoint directory, or None if it has no tokenizer files."""
+    """The tokenizer of a Hugging Face checkpoint directory; None if it has no tokenizer files."""
     directory = os.fspath(directory)
     if not any(os.path.isfile(os.path.join(directory, name)) for name in _HF_TOKENIZER_FILES):
         return None

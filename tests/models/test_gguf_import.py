@@ -175,7 +175,7 @@ def write_gguf(path, arch="llama", *, hidden=32, heads=4, kv_heads=2, head_dim=N
                 f"blk.{i}.ffn_up.weight": (ffn, hidden),
                 f"blk.{i}.ffn_down.weight": (hidden, ffn),
             }
-        tensors = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+        tensors = {n: rng.standard_normal(shape).astype(np.float32) for n, shape in shapes.items()}
     writer = gguf.GGUFWriter(str(path), arch)
     for key, (kind, value) in fields.items():
         if key not in drop:
@@ -218,8 +218,11 @@ def _family_tensors(kind: str, hidden=32, heads=4, kv_heads=2, head_dim=8, ffn=4
                 f"blk.{i}.attn_v.bias": (kv_heads * head_dim,),
             }
         if kind == "qwen3":
-            shapes |= {f"blk.{i}.attn_q_norm.weight": (head_dim,), f"blk.{i}.attn_k_norm.weight": (head_dim,)}
-    tensors = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+            shapes |= {
+                f"blk.{i}.attn_q_norm.weight": (head_dim,),
+                f"blk.{i}.attn_k_norm.weight": (head_dim,),
+            }
+    tensors = {n: rng.standard_normal(shape).astype(np.float32) for n, shape in shapes.items()}
     tensors["blk.1.ffn_up.weight"] = tensors["blk.1.ffn_up.weight"].astype(np.float16)  # F16 too
     return tensors
 
@@ -258,9 +261,10 @@ def test_families_equal_transformers(tmp_path, arch, head_dim, hf_class):
 
 def test_tensor_names():
     assert hf_tensor_name("blk.3.attn_q.weight") == "model.layers.3.self_attn.q_proj.weight"
-    assert hf_tensor_name("blk.0.ffn_norm.weight") == "model.layers.0.post_attention_layernorm.weight"
+    expected = "model.layers.0.post_attention_layernorm.weight"
+    assert hf_tensor_name("blk.0.ffn_norm.weight") == expected
     assert hf_tensor_name("output.weight") == "lm_head.weight"
-    with pytest.raises(ValueError, match=r"Unsupported GGUF tensor 'blk\.0\.ffn_gate_exps\.weight'"):
+    with pytest.raises(ValueError, match=r"GGUF tensor 'blk\.0\.ffn_gate_exps\.weight'"):
         hf_tensor_name("blk.0.ffn_gate_exps.weight")
 
 
@@ -277,9 +281,8 @@ def _llama3_scaling(head_dim, theta, scaling):
         elif wavelen > low_wavelen:
             factors.append(scaling["factor"])
         else:
-            smooth = (scaling["original_max_position_embeddings"] / wavelen - scaling["low_freq_factor"]) / (
-                scaling["high_freq_factor"] - scaling["low_freq_factor"]
-            )
+            old, low = scaling["original_max_position_embeddings"], scaling["low_freq_factor"]
+            smooth = (old / wavelen - low) / (scaling["high_freq_factor"] - low)
             factors.append(1 / ((1 - smooth) / scaling["factor"] + smooth))
     return np.array(factors, dtype=np.float32)
 
@@ -354,7 +357,9 @@ def test_error_truncated(tmp_path):
 
 def test_error_architecture(tmp_path):
     path = write_gguf(tmp_path / "f.gguf", "falcon")
-    with pytest.raises(ValueError, match=r"general\.architecture 'falcon'; supported: llama, qwen2, qwen3"):
+    with pytest.raises(
+        ValueError, match=r"general\.architecture 'falcon'; supported: llama, qwen2, qwen3"
+    ):
         read_gguf(path)
 
 
@@ -392,7 +397,9 @@ def test_error_unknown_tensor(tmp_path):
         "blk.0.ffn_gate_exps.weight": np.zeros((4, 8, 32), np.float32),
     }
     path = write_gguf(tmp_path / "e.gguf", layers=1, tensors=tensors)
-    with pytest.raises(ValueError, match=r"Unsupported GGUF tensor 'blk\.0\.ffn_gate_exps\.weight'"):
+    with pytest.raises(
+        ValueError, match=r"Unsupported GGUF tensor 'blk\.0\.ffn_gate_exps\.weight'"
+    ):
         read_gguf(path)
 
 
