@@ -41,6 +41,9 @@ _QWEN2 = (
 )
 _DEFAULT = (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]")
 
+# llama.cpp's LLAMA3 pre-tokenizer group: Llama 3 split, whole-piece lookup, BOS by default.
+_LLAMA3_GROUP = ("llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral", "lfm2")
+
 # `tokenizer.ggml.pre` -> the regular expressions llama.cpp splits the text with, applied one
 # after the other (each splits the pieces the previous one left; matches and gaps both kept).
 PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
@@ -50,16 +53,14 @@ PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
     "smollm": (r"\p{N}", _GPT2),
     "starcoder": (r"\p{N}", _GPT2),
     "refact": (r"\p{N}", _GPT2),
-    "llama-bpe": (_LLAMA3,),
-    "llama3": (_LLAMA3,),
-    "llama-v3": (_LLAMA3,),
+    **{name: (_LLAMA3,) for name in _LLAMA3_GROUP},
     "qwen2": (_QWEN2,),
     "deepseek-r1-qwen": (_QWEN2,),
 }
 # Pre-tokenizer types for which llama.cpp looks a whole piece up in the vocabulary before merging.
-_IGNORE_MERGES = frozenset({"llama-bpe", "llama3", "llama-v3"})
+_IGNORE_MERGES = frozenset(_LLAMA3_GROUP)
 # Pre-tokenizer types for which llama.cpp adds BOS when the file does not say.
-_ADD_BOS_BY_DEFAULT = frozenset({"llama-bpe", "llama3", "llama-v3"})
+_ADD_BOS_BY_DEFAULT = frozenset(_LLAMA3_GROUP)
 
 SUPPORTED_TOKENIZER_MODELS = ("gpt2", "llama")
 
