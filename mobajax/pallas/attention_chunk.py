@@ -257,11 +257,14 @@ def kv_parallel_attention(
         return merged.astype(q.dtype), lse
 
     sharded = p(None, axis_name)
+    in_specs = (p(), sharded, sharded, p(), sharded)
     fn = jax.shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(p(), sharded, sharded, p(), sharded),
-        out_specs=(p(), p()),
-        check_vma=False,
+        local, mesh=mesh, in_specs=in_specs, out_specs=(p(), p()), check_vma=False
     )
-    return jax.jit(fn)(q, k, v, q_positions, k_positions)
+    args = (q, k, v, q_positions, k_positions)
+    if jax.sharding.AxisType.Explicit in mesh.axis_types:  # types must match the specs
+        args = [
+            jax.reshard(x, jax.sharding.NamedSharding(mesh, spec))
+            for x, spec in zip(args, in_specs)
+        ]
+    return jax.jit(fn)(*args)
