@@ -1,0 +1,422 @@
+"""The OpenAI-compatible HTTP server: `build_app(engine)` returns a FastAPI app.
+
+Routes: /v1/completions, /v1/chat/completions (SSE streaming with `data: {...}` events and a
+final `data: [DONE]`), /v1/models, /health, /metrics (Prometheus), /tokenize, /detokenize.
+Errors are OpenAI's error JSON. A client that disconnects aborts its request: streams are
+closed by Starlette's disconnect listener, other requests by a watcher of `http.disconnect`,
+and closing `engine.generate`'s iterator aborts the request in the engine and frees its pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mobajax.serving.metrics import ServerMetrics
+from mobajax.serving.outputs import CompletionOutput, RequestOutput
+from mobajax.serving.protocol import (
+    ApiError, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
+    ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogprobs, CompletionRequest,
+    CompletionResponse, DetokenizeRequest, ModelCard, ModelList, PromptTokensDetails, TokenizeRequest,
+    TokenLogprob, TopLogprob, Usage, error_body, parse_request,
+)
+from mobajax.serving.sampling_params import SamplingParams
+
+OPEN_PATHS = ("/health", "/metrics")
+
+
+def build_app(engine, *, api_key: str | None = None, served_model_name: str | None = None) -> FastAPI:
+    """The app serving `engine` (an AsyncEngine); starts and stops the engine with the app."""
+    server = _Server(engine, served_model_name or engine.model_name)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.stop()
+
+    app = FastAPI(title="mobajax", lifespan=lifespan)
+    app.state.server = server
+    if api_key is not None:
+        app.add_middleware(_ApiKeyMiddleware, api_key=api_key)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request, err: ApiError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request, err: StarletteHTTPException):
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(err.detail), type=kind), status_code=err.status_code)
+
+    @app.exception_handler(_ClientGone)
+    async def _client_gone(_request, _err):
+        return Response(status_code=499)  # nobody reads it: the request was aborted
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request, err: RequestValidationError):
+        return JSONResponse(error_body(str(err.errors())), status_code=400)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await server.completions(request, parse_request(CompletionRequest, await request.body()))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await server.chat(request, parse_request(ChatCompletionRequest, await request.body()))
+
+    @app.get("/v1/models")
+    async def models():
+        card = ModelCard(id=server.model_name, root=engine.model_name, max_model_len=engine.max_model_len)
+        return _json(ModelList(data=[card]))
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics():
+        content, media_type = server.metrics.render()
+        return Response(content, media_type=media_type)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        req = parse_request(TokenizeRequest, await request.body())
+        server.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise ApiError("send exactly one of 'prompt' and 'messages'")
+        if req.prompt is not None:
+            tokens = server.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            conversation = [{"role": m.role, "content": m.text()} for m in req.messages]
+            tokens = server.chat_prompt(conversation, req.add_generation_prompt)[1]
+        return {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        req = parse_request(DetokenizeRequest, await request.body())
+        server.check_model(req.model)
+        server.check_token_ids(req.tokens, "tokens")
+        return {"prompt": server.tokenizer.decode(req.tokens)}
+
+    return app
+
+
+class _ApiKeyMiddleware:
+    """Pure ASGI check of `Authorization: Bearer <key>` (does not wrap streaming responses)."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self._expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
+            header = dict(scope["headers"]).get(b"authorization")
+            if header is None or not secrets.compare_digest(header, self._expected):
+                message = ("missing API key: send it as 'Authorization: Bearer <key>'" if header is None
+                           else "invalid API key in 'Authorization: Bearer <key>'")
+                response = JSONResponse(error_body(message, code="invalid_api_key"), status_code=401)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class _Server:
+    """Request handling shared by the routes: prompts, engine calls, response building."""
+
+    def __init__(self, engine, model_name: str):
+        self.engine, self.model_name = engine, model_name
+        self.tokenizer = engine.tokenizer
+        self.metrics = ServerMetrics(engine.stats, model_name)
+
+    # Validation ------------------------------------------------------------------------------
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise ApiError(f"the model '{model}' does not exist; this server serves '{self.model_name}'",
+                           status=404, param="model", type="not_found_error", code="model_not_found")
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        vocab = len(self.tokenizer)
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(f"{param} holds token ids outside [0, {vocab}): {bad[:5]}", param=param)
+
+    def check_length(self, ids: list[int], params: SamplingParams, param: str) -> None:
+        limit = self.engine.max_model_len
+        if not ids:
+            raise ApiError(f"{param} is empty: it must hold at least one token", param=param)
+        if len(ids) >= limit:
+            raise ApiError(f"the prompt is {len(ids)} tokens long; this model's maximum length is {limit} "
+                           f"tokens (prompt + output), so the prompt must be shorter", param=param)
+        if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
+            raise ApiError(f"this model's maximum length is {limit} tokens, but {len(ids) + params.max_tokens} "
+                           f"were requested ({len(ids)} in the prompt, {params.max_tokens} as max_tokens); "
+                           f"lower max_tokens or shorten the prompt", param="max_tokens")
+
+    def chat_prompt(self, conversation: list[dict], add_generation_prompt: bool) -> tuple[str, list[int]]:
+        if not self.tokenizer.chat_template:
+            raise ApiError("this model's tokenizer has no chat template; use /v1/completions")
+        try:
+            text = self.tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=add_generation_prompt, tokenize=False)
+        except Exception as err:  # jinja2 errors (e.g. roles must alternate) are the client's
+            raise ApiError(f"the chat template rejected the messages: {err}", param="messages") from None
+        return text, self.tokenizer.encode(text, add_special_tokens=False)
+
+    # Routes ----------------------------------------------------------------------------------
+
+    async def completions(self, request: Request, req: CompletionRequest) -> Response:
+        self.check_model(req.model)
+        params = req.to_sampling_params()
+        prompts = []
+        for prompt in req.prompts():
+            if isinstance(prompt, str):
+                prompts.append((prompt, self.tokenizer.encode(prompt)))
+            else:
+                self.check_token_ids(prompt, "prompt")
+                prompts.append((None, list(prompt)))
+        for _text, ids in prompts:
+            self.check_length(ids, params, "prompt")
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        outputs = self._generate(request_id, prompts, params)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            events = self._completion_events(request_id, outputs, params, include_usage)
+            return _EventStream(events)
+        finals = await self._collect(request, outputs)
+        choices = [self._completion_choice(i * params.n + c.index, c, params, 0, 0)
+                   for i, out in sorted(finals.items()) for c in out.outputs]
+        body = CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=_usage(finals))
+        return _json(body)
+
+    async def chat(self, request: Request, req: ChatCompletionRequest) -> Response:
+        self.check_model(req.model)
+        params = req.to_sampling_params()
+        text, ids = self.chat_prompt(req.conversation(), req.add_generation_prompt)
+        self.check_length(ids, params, "messages")
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        outputs = self._generate(request_id, [(text, ids)], params)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _EventStream(self._chat_events(request_id, outputs, params, include_usage))
+        out = (await self._collect(request, outputs))[0]
+        choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
+                              logprobs=self._chat_logprobs(c, params, 0), finish_reason=c.finish_reason,
+                              stop_reason=c.stop_reason) for c in out.outputs]
+        body = ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=_usage({0: out}))
+        return _json(body)
+
+    # Engine calls ----------------------------------------------------------------------------
+
+    async def _generate(self, request_id: str, prompts: list[tuple[str | None, list[int]]],
+                        params: SamplingParams) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, cumulative RequestOutput) of every prompt, interleaved as they arrive."""
+        ids = [request_id if len(prompts) == 1 else f"{request_id}-{i}" for i in range(len(prompts))]
+        timers = [self.metrics.tracker() for _ in prompts]
+        if len(prompts) == 1:
+            text, tokens = prompts[0]
+            try:
+                async with contextlib.aclosing(self.engine.generate(tokens, params, ids[0], prompt=text)) as gen:
+                    async for out in gen:
+                        timers[0].observe(out)
+                        yield 0, out
+            except ValueError as err:
+                raise ApiError(str(err)) from None
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            text, tokens = prompts[i]
+            try:
+                async with contextlib.aclosing(self.engine.generate(tokens, params, ids[i], prompt=text)) as gen:
+                    async for out in gen:
+                        timers[i].observe(out)
+                        queue.put_nowait((i, out))
+                queue.put_nowait((i, None))
+            except Exception as err:  # handed to the consumer, which re-raises it
+                queue.put_nowait((i, err))
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(prompts))]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                i, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, ValueError):
+                    raise ApiError(str(item))
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for task in tasks:
+                task.cancel()  # closes each engine iterator, which aborts its request
+
+    async def _collect(self, request: Request, outputs) -> dict[int, RequestOutput]:
+        """The final output of every prompt; aborts (by cancellation) if the client disconnects."""
+
+        async def collect() -> dict[int, RequestOutput]:
+            finals = {}
+            async with contextlib.aclosing(outputs):
+                async for i, out in outputs:
+                    finals[i] = out
+            return finals
+
+        async def disconnected() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        work, watch = asyncio.ensure_future(collect()), asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not work.done():
+                work.cancel()
+        if not work.done() or work.cancelled():
+            raise _ClientGone()
+        return work.result()
+
+    # Streaming -------------------------------------------------------------------------------
+
+    async def _completion_events(self, request_id, outputs, params, include_usage) -> AsyncIterator[str]:
+        created, sent, finals = int(time.time()), {}, {}
+        async with contextlib.aclosing(outputs):
+            try:
+                async for i, out in outputs:
+                    finals[i] = out
+                    choices = []
+                    for c in out.outputs:
+                        index = i * params.n + c.index
+                        text_len, num_logprobs, done = sent.get(index, (0, 0, False))
+                        if done:
+                            continue
+                        choice = self._completion_choice(index, c, params, text_len, num_logprobs)
+                        if choice.text or choice.finish_reason or (choice.logprobs and choice.logprobs.tokens):
+                            choices.append(choice)
+                        sent[index] = (max(text_len, len(c.text)), len(c.logprobs or []), c.finished)
+                    if choices:
+                        yield _sse(CompletionResponse(id=request_id, created=created, model=self.model_name,
+                                                      choices=choices))
+                if include_usage:
+                    yield _sse(CompletionResponse(id=request_id, created=created, model=self.model_name,
+                                                  choices=[], usage=_usage(finals)))
+            except ApiError as err:
+                yield _sse(err.body())
+        yield "data: [DONE]\n\n"
+
+    async def _chat_events(self, request_id, outputs, params, include_usage) -> AsyncIterator[str]:
+        created, sent, final = int(time.time()), {}, None
+
+        def chunk(choices, usage=None) -> str:
+            return _sse(ChatCompletionChunk(id=request_id, created=created, model=self.model_name,
+                                            choices=choices, usage=usage))
+
+        yield chunk([ChatStreamChoice(index=k, delta={"role": "assistant", "content": ""}) for k in range(params.n)])
+        async with contextlib.aclosing(outputs):
+            try:
+                async for _i, final in outputs:
+                    choices = []
+                    for c in final.outputs:
+                        text_len, num_logprobs, done = sent.get(c.index, (0, 0, False))
+                        if done:
+                            continue
+                        delta = c.text[text_len:]
+                        logprobs = self._chat_logprobs(c, params, num_logprobs)
+                        if delta or c.finished or (logprobs and logprobs.content):
+                            choices.append(ChatStreamChoice(
+                                index=c.index, delta={"content": delta} if delta else {}, logprobs=logprobs,
+                                finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                        sent[c.index] = (max(text_len, len(c.text)), len(c.logprobs or []), c.finished)
+                    if choices:
+                        yield chunk(choices)
+                if include_usage and final is not None:
+                    yield chunk([], _usage({0: final}))
+            except ApiError as err:
+                yield _sse(err.body())
+        yield "data: [DONE]\n\n"
+
+    # Response pieces -------------------------------------------------------------------------
+
+    def _token_text(self, token_id: int, entry) -> str:
+        logprob = entry.get(token_id)
+        if logprob is not None and logprob.decoded_token is not None:
+            return logprob.decoded_token
+        return self.tokenizer.decode([token_id])
+
+    def _top(self, entry, k: int) -> list[tuple[str, float]]:
+        ranked = sorted(entry.items(), key=lambda item: -item[1].logprob)[:k]
+        return [(self._token_text(t, entry), lp.logprob) for t, lp in ranked]
+
+    def _completion_choice(self, index: int, c: CompletionOutput, params: SamplingParams,
+                           text_len: int, num_logprobs: int) -> CompletionChoice:
+        logprobs = None
+        if params.logprobs is not None and c.logprobs is not None:
+            logprobs, offset = CompletionLogprobs(), text_len
+            for token_id, entry in zip(c.token_ids[num_logprobs:], c.logprobs[num_logprobs:]):
+                token = self._token_text(token_id, entry)
+                logprobs.tokens.append(token)
+                logprobs.token_logprobs.append(entry[token_id].logprob if token_id in entry else None)
+                logprobs.top_logprobs.append(dict(self._top(entry, params.logprobs)))
+                logprobs.text_offset.append(offset)
+                offset += len(token)
+        return CompletionChoice(index=index, text=c.text[text_len:], logprobs=logprobs,
+                                finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+
+    def _chat_logprobs(self, c: CompletionOutput, params: SamplingParams, start: int) -> ChatLogprobs | None:
+        if params.logprobs is None or c.logprobs is None:
+            return None
+        content = []
+        for token_id, entry in zip(c.token_ids[start:], c.logprobs[start:]):
+            token = self._token_text(token_id, entry)
+            top = [TopLogprob(token=t, logprob=lp, bytes=list(t.encode())) for t, lp in self._top(entry, params.logprobs)]
+            logprob = entry[token_id].logprob if token_id in entry else float("-inf")
+            content.append(TokenLogprob(token=token, logprob=logprob, bytes=list(token.encode()), top_logprobs=top))
+        return ChatLogprobs(content=content)
+
+
+class _EventStream(StreamingResponse):
+    """SSE response that always closes its event iterator (and so aborts unfinished requests)."""
+
+    def __init__(self, events: AsyncIterator[str]):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+def _json(body) -> Response:
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+def _sse(payload) -> str:
+    data = payload.model_dump_json() if hasattr(payload, "model_dump_json") else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+def _usage(finals: dict[int, RequestOutput]) -> Usage:
+    prompt = sum(len(out.prompt_token_ids) for out in finals.values())
+    completion = sum(len(c.token_ids) for out in finals.values() for c in out.outputs)
+    cached = sum(out.num_cached_tokens for out in finals.values())
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
