@@ -57,24 +57,36 @@ def _flex(s, block, top_k, heads, kv_heads, head_dim, reps):
     """torch flex_attention with per-128-query-tile MoBA block mask; seconds or an error string."""
     try:
         import torch
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
         dev = "cuda"
         g = torch.Generator(device=dev).manual_seed(0)
-        tiles, chunks = s // 128, s // block
-        own = torch.arange(tiles, device=dev) * 128 // block
+        tiles, chunks, nb = s // 128, s // block, block // 128
+        tile = torch.arange(tiles, device=dev)
+        own = tile * 128 // block
         pick = torch.rand(heads, tiles, chunks, device=dev, generator=g)
         pick = torch.where(torch.arange(chunks, device=dev) < own[:, None], pick, -1.0)
         top = pick.topk(min(top_k - 1, chunks), dim=-1)
-        table = torch.zeros(heads, tiles, chunks, dtype=torch.bool, device=dev)
-        table.scatter_(2, top.indices, top.values >= 0)
+        blk = torch.arange(nb, device=dev)
+        past = (top.indices[..., None] * nb + blk).flatten(-2)  # [heads, tiles, (k-1)*nb]
+        past_ok = (top.values[..., None] >= 0).expand(-1, -1, -1, nb).flatten(-2)
+        mine = (own[:, None] * nb + blk).expand(heads, -1, -1)  # own chunk's blocks
+        mine_ok = mine < tile[:, None]  # strictly below the diagonal block: full
+        idx = torch.cat([past, mine], -1)
+        ok = torch.cat([past_ok, mine_ok], -1)
+        idx = torch.where(ok, idx, tiles).sort(-1).values.clamp(max=tiles - 1)
+        full = torch.zeros(1, heads, tiles, tiles, dtype=torch.int32, device=dev)
+        full[..., : idx.shape[-1]] = idx.int()
+        diag = torch.zeros(1, heads, tiles, tiles, dtype=torch.int32, device=dev)
+        diag[..., 0] = tile.int()
 
-        def mask_mod(b, h, q_idx, kv_idx):
-            c = kv_idx // block
-            own_c = q_idx // block
-            return ((c == own_c) & (kv_idx <= q_idx)) | table[h, q_idx // 128, c]
+        def causal(b, h, q_idx, kv_idx):
+            return q_idx >= kv_idx
 
-        mask = create_block_mask(mask_mod, 1, heads, s, s, device=dev)
+        mask = BlockMask.from_kv_blocks(
+            torch.ones(1, heads, tiles, dtype=torch.int32, device=dev), diag,
+            ok.sum(-1).int()[None], full, BLOCK_SIZE=128, mask_mod=causal,
+        )  # fmt: skip
         q = torch.randn(1, heads, s, head_dim, device=dev, dtype=torch.bfloat16)
         k = torch.randn(1, kv_heads, s, head_dim, device=dev, dtype=torch.bfloat16)
         v = torch.randn_like(k)
@@ -85,15 +97,103 @@ def _flex(s, block, top_k, heads, kv_heads, head_dim, reps):
             torch.cuda.synchronize()
 
         out = _time(run, reps)
-        del q, k, v, mask, table
+        del q, k, v, mask, full, diag
         torch.cuda.empty_cache()
         return out
     except Exception as err:  # noqa: BLE001 - a peer that does not run is reported, not fatal
         return f"{type(err).__name__}: {str(err)[:160]}"
 
 
-def _case(name, s, block, top_k, args, matmul, jax, jnp):
-    from mobajax.moba import moba_attention_reference
+def _check(q, k, v, out, block, top_k, jax, jnp):
+    """Selection agreement and attention error on the first and last 128 queries.
+
+    The attention is checked against the reference run over the kernel's own selection (bf16 gate
+    rounding can flip near-tied chunks); flipped rows must be near ties of the float32 gate.
+    """
+    from mobajax.moba import _gate, chunk_attention, moba_selected_chunks
+    from mobajax.pallas.moba_attention import moba_select
+
+    s, n, h = q.shape
+    sel = moba_select(q, k, block_size=block, top_k=top_k)
+    starts = jnp.arange(-(-s // block), dtype=jnp.int32) * block
+    lens = jnp.minimum(block, s - starts)
+    agree, err, gap = [], 0.0, 0.0
+    for lo in (0, s - 128):
+        pos = jnp.arange(lo, lo + 128, dtype=jnp.int32)
+        qs, mine = q[lo : lo + 128], sel[lo : lo + 128]
+        ref_sel = moba_selected_chunks(qs, k, block_size=block, top_k=top_k, q_positions=pos)
+        same = jnp.all(jnp.sort(mine, -1) == jnp.sort(ref_sel, -1), axis=-1)
+        agree.append(float(jnp.mean(same)))
+        gate = _gate(qs, k, block)
+        score = lambda c: jnp.sum(jnp.where(c[..., 1:] >= 0, jnp.take_along_axis(  # noqa: E731
+            gate, jnp.maximum(c[..., 1:], 0), -1), 0.0), -1)
+        gap = max(gap, float(jnp.max(jnp.abs(score(mine) - score(ref_sel)))))
+        ref = chunk_attention(qs, k, v, pos, mine, starts, lens, starts, block_size=block,
+                              scale=1 / math.sqrt(h), query_tile=1)  # fmt: skip
+        got = out[lo : lo + 128].astype(jnp.float32)
+        ref = ref.astype(jnp.float32)
+        err = max(err, float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)))
+    return {"rel_err_vs_reference": err, "selection_agreement": min(agree),
+            "max_gate_gap_of_flips": gap}  # fmt: skip
+
+
+def _sweep(q, k, v, block, top_k, reps, jax, jnp):
+    """Stage times and a few tile configurations; returns (rows, best config)."""
+    import dataclasses
+
+    from mobajax.pallas import moba_attention as ma
+
+    cfgs = [
+        ma.MobaConfig(),
+        ma.MobaConfig(block_q=128, block_k=64, num_warps=8),
+        ma.MobaConfig(block_q=64, block_k=128, num_warps=8),
+        ma.MobaConfig(block_q=128, block_k=128, num_warps=8),
+        ma.MobaConfig(block_q=128, block_k=64, num_warps=8, num_stages=3),
+        ma.MobaConfig(block_q=128, block_k=64, num_warps=4, num_stages=3),
+    ]
+    out, best = [], (math.inf, cfgs[0])
+    for cfg in cfgs:
+        f = jax.jit(lambda q, k, v, c=cfg: ma.moba_attention(q, k, v, block_size=block,
+                                                           top_k=top_k, config=c))  # fmt: skip
+        try:
+            t = _time(lambda: f(q, k, v).block_until_ready(), reps)
+        except Exception as err:  # noqa: BLE001
+            out.append({"config": str(cfg), "error": str(err)[:200]})
+            continue
+        out.append({"config": str(cfg), "moba_s": t})
+        print(json.dumps(out[-1]), flush=True)
+        best = min(best, (t, cfg), key=lambda x: x[0])
+    for gq, gw in ((32, 4), (64, 8), (128, 8)):
+        cfg = dataclasses.replace(best[1], gate_block_q=gq, gate_num_warps=gw)
+        g = jax.jit(lambda q, k, c=cfg: ma.moba_select(q, k, block_size=block, top_k=top_k,
+                                                      config=c))  # fmt: skip
+        t = _time(lambda: g(q, k).block_until_ready(), reps)
+        out.append({"gate_config": f"block_q={gq} warps={gw}", "gate_s": t})
+        print(json.dumps(out[-1]), flush=True)
+    # stage breakdown with the best config
+    cfg = best[1]
+    st = ma._Static(block, top_k, 1 / math.sqrt(q.shape[-1]), cfg, False)
+    layout = ma._prepare(q, k, v, block, top_k, None, None, None)
+    sel = jax.jit(lambda q, k: ma._select(st, q, k, layout))(q, k)
+    nch = layout.chunk_len.shape[0]
+    wl = jax.jit(lambda sel: ma.work_list(sel, k.shape[1], nch, cfg.block_q))
+    work = wl(sel)
+    part = jax.jit(lambda q, k, v, work: ma.attention_partials(
+        q, k, v, layout.token_pos, work, layout, slots=sel.shape[-1], scale=st.scale,
+        config=cfg, interpret=False))  # fmt: skip
+    o, lse = part(q, k, v, work)
+    mg = jax.jit(lambda o, lse: ma.merge_slots(o, lse, sel, q.dtype))
+    stages = {
+        "work_list_s": _time(lambda: jax.block_until_ready(wl(sel)), reps),
+        "partials_s": _time(lambda: jax.block_until_ready(part(q, k, v, work)), reps),
+        "merge_s": _time(lambda: mg(o, lse).block_until_ready(), reps),
+    }
+    out.append(stages)
+    print(json.dumps(stages), flush=True)
+    return out, cfg
+
+
+def _case(name, s, block, top_k, args, matmul, jax, jnp, config):
     from mobajax.pallas.moba_attention import moba_attention, moba_select
 
     n, kv, h = args.heads, args.kv_heads, args.head_dim
@@ -101,25 +201,22 @@ def _case(name, s, block, top_k, args, matmul, jax, jnp):
     q = jax.random.normal(ks[0], (s, n, h), jnp.bfloat16)
     k = jax.random.normal(ks[1], (s, kv, h), jnp.bfloat16)
     v = jax.random.normal(ks[2], (s, kv, h), jnp.bfloat16)
-    row = {"case": name, "S": s, "block": block, "top_k": top_k}
-    fwd = jax.jit(lambda q, k, v: moba_attention(q, k, v, block_size=block, top_k=top_k))
-    gate = jax.jit(lambda q, k: moba_select(q, k, block_size=block, top_k=top_k))
+    row = {"case": name, "S": s, "block": block, "top_k": top_k, "config": str(config)}
+    reps = args.reps if s <= 131072 else max(1, args.reps // 2)
+    fwd = jax.jit(lambda q, k, v: moba_attention(q, k, v, block_size=block, top_k=top_k,
+                                                 config=config))  # fmt: skip
+    gate = jax.jit(lambda q, k: moba_select(q, k, block_size=block, top_k=top_k, config=config))
     out = fwd(q, k, v)
-    # correctness on the first and last 128 queries against the reference
-    err = 0.0
-    for lo in (0, s - 128):
-        pos = jnp.arange(lo, lo + 128, dtype=jnp.int32)
-        ref = moba_attention_reference(q[lo : lo + 128], k, v, block_size=block, top_k=top_k,
-                                       q_positions=pos)  # fmt: skip
-        got = out[lo : lo + 128].astype(jnp.float32)
-        ref = ref.astype(jnp.float32)
-        err = max(err, float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)))
-    row["rel_err_vs_reference"] = err
-    row["moba_s"] = _time(lambda: fwd(q, k, v).block_until_ready(), args.reps)
-    row["gate_s"] = _time(lambda: gate(q, k).block_until_ready(), args.reps)
+    row.update(_check(q, k, v, out, block, top_k, jax, jnp))
+    del out
+    row["moba_s"] = _time(lambda: fwd(q, k, v).block_until_ready(), reps)
+    row["gate_s"] = _time(lambda: gate(q, k).block_until_ready(), reps)
+    row["gate_share"] = row["gate_s"] / row["moba_s"]
     flops = moba_flops(s, block, top_k, n, h)
     row["moba_tflops"] = flops / row["moba_s"] / 1e12
     row["floor_s"] = flops / matmul
+    if args.sweep and name == args.sweep:
+        row["sweep"], _ = _sweep(q, k, v, block, top_k, reps, jax, jnp)
     dense_flops = 4.0 * h * n * s * (s + 1) / 2
     if s <= args.max_cudnn:
         qb, kb, vb = q[None], k[None], v[None]
@@ -134,7 +231,7 @@ def _case(name, s, block, top_k, args, matmul, jax, jnp):
         # prediction: MoBA's FLOPs at cuDNN's dense rate
         row["predicted_s"] = flops / (row["cudnn_tflops"] * 1e12)
         row["moba_rate_vs_cudnn"] = row["moba_tflops"] / row["cudnn_tflops"]
-    del q, k, v, out
+    del q, k, v
     return row
 
 
@@ -186,6 +283,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--max-cudnn", type=int, default=1 << 20, help="largest S for the cuDNN peer")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--sweep", default="", help="case to sweep tile configs and time stages on")
+    ap.add_argument("--block-q", type=int, default=0, help="MobaConfig.block_q (0: default)")
+    ap.add_argument("--block-k", type=int, default=0)
+    ap.add_argument("--num-warps", type=int, default=0)
+    ap.add_argument("--num-stages", type=int, default=0)
+    ap.add_argument("--gate-block-q", type=int, default=0)
+    ap.add_argument("--gate-num-warps", type=int, default=0)
     args = ap.parse_args(argv)
     names = [c for c in args.cases.split(",") if c]
     bad = [c for c in names if c not in CASES]
@@ -204,11 +308,15 @@ def main(argv: list[str]) -> int:
     import jax
     import jax.numpy as jnp
 
+    from mobajax.pallas.moba_attention import MobaConfig
+
+    knobs = ("block_q", "block_k", "num_warps", "num_stages", "gate_block_q", "gate_num_warps")
+    config = MobaConfig(**{x: getattr(args, x) for x in knobs if getattr(args, x)})
     matmul = _matmul_rate(jax, jnp)
     rows = []
     for name in names:
         s, block, top_k = CASES[name]
-        row = _case(name, s, block, top_k, args, matmul, jax, jnp)
+        row = _case(name, s, block, top_k, args, matmul, jax, jnp, config)
         f = flex.get(name)
         if isinstance(f, float):
             row["flex_s"] = f
@@ -237,7 +345,7 @@ def main(argv: list[str]) -> int:
     _png(os.path.join(args.out, "moba.png"), rows)
     print(f"{meta}")
     hdr = ("case", "moba ms", "gate ms", "cuDNN ms", "x cuDNN", "flex ms", "MoBA TF/s",
-           "cuDNN TF/s", "floor ms", "rel err")  # fmt: skip
+           "cuDNN TF/s", "floor ms", "rel err", "sel agree")  # fmt: skip
     print(" | ".join(hdr))
     for r in rows:
         ms = lambda key: f"{r[key] * 1e3:.2f}" if key in r else "-"  # noqa: E731
@@ -245,6 +353,6 @@ def main(argv: list[str]) -> int:
             r["case"], ms("moba_s"), ms("gate_s"), ms("cudnn_s"),
             f"{r.get('speedup_vs_cudnn', math.nan):.1f}", ms("flex_s"),
             f"{r['moba_tflops']:.0f}", f"{r.get('cudnn_tflops', math.nan):.0f}", ms("floor_s"),
-            f"{r['rel_err_vs_reference']:.1e}",
+            f"{r['rel_err_vs_reference']:.1e}", f"{r['selection_agreement']:.4f}",
         ]))  # fmt: skip
     return 0

@@ -55,9 +55,9 @@ class MobaConfig:
     """Tuning knobs (hashable; all powers of two >= 16 except the counts).
 
     block_q: rows (token, head, slot) per attention program. block_k: keys per inner step.
-    gate_block_q: tokens per gate program (shrunk for many chunks). num_warps / num_stages:
-    Triton settings of the attention kernel. max_partial_bytes: float32 partial outputs held at
-    once; longer inputs run in several passes over the tokens.
+    gate_block_q: tokens per gate program (shrunk for many chunks). num_warps / num_stages /
+    gate_num_warps: Triton settings of the attention and gate kernels. max_partial_bytes: partial
+    outputs (q's dtype) held at once; longer inputs run in several passes over the tokens.
     """
 
     block_q: int = 64
@@ -65,6 +65,7 @@ class MobaConfig:
     gate_block_q: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    gate_num_warps: int = 4
     max_partial_bytes: int = 2**33
 
     def __post_init__(self):
@@ -72,8 +73,11 @@ class MobaConfig:
             value = getattr(self, name)
             if not _pow2(value):
                 raise ValueError(f"MobaConfig.{name}={value}: must be a power of two >= 16")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"MobaConfig.num_warps={self.num_warps}: must be 1, 2, 4, 8 or 16")
+        for name in ("num_warps", "gate_num_warps"):
+            if getattr(self, name) not in (1, 2, 4, 8, 16):
+                raise ValueError(
+                    f"MobaConfig.{name}={getattr(self, name)}: must be 1, 2, 4, 8 or 16"
+                )
         if self.num_stages < 1 or self.max_partial_bytes < 1:
             raise ValueError(
                 f"num_stages={self.num_stages}, max_partial_bytes={self.max_partial_bytes}:"
@@ -93,7 +97,7 @@ def moba_attention_kernel(
     chunk_start_ref,  # [C] int32
     chunk_len_ref,  # [C] int32
     chunk_pos_ref,  # [C] int32
-    o_ref,  # [R + 1, H] float32 (out; row R is a dump for dead lanes)
+    o_ref,  # [R + 1, H] q's dtype (out; row R is a dump for dead lanes)
     lse_ref,  # [R + 1] float32 (out), natural log
     *,
     block_q: int,
@@ -143,20 +147,24 @@ def moba_attention_kernel(
         )
         acc, m, l = jax.lax.fori_loop(0, pl.cdiv(size, block_k), body, init)
         dump = jnp.where(live, rows, o_ref.shape[0] - 1)
-        plgpu.store(gather_rows(o_ref, dump), acc / l[:, None])
+        plgpu.store(gather_rows(o_ref, dump), (acc / l[:, None]).astype(o_ref.dtype))
         plgpu.store(lse_ref.at[dump], (m + jnp.log2(l)) * _LN2)
 
 
-def _work_list(sel, num_kv_heads, num_chunks, block_q):
-    """Sort rows by bucket (chunk, kv head) and cut them into tiles of one bucket each."""
+def work_list(sel, num_kv_heads, num_chunks, block_q):
+    """Sort rows by bucket (chunk, kv head) and cut them into tiles of one bucket each.
+
+    sel [T, N, J] global chunk ids -> per tile (bucket, start, live rows) [W] and the sorted rows
+    [R + block_q] (padded so a tile's slice never runs off the end).
+    """
     num_tokens, num_heads, slots = sel.shape
     num_buckets = num_chunks * num_kv_heads
     kvh = (jnp.arange(num_heads, dtype=jnp.int32) // (num_heads // num_kv_heads))[None, :, None]
     keys = jnp.where(sel >= 0, sel * num_kv_heads + kvh, num_buckets).reshape(-1)
     rows = jnp.arange(keys.shape[0], dtype=jnp.int32)
-    _, order = jax.lax.sort((keys, rows), num_keys=1)
-    counts = jnp.zeros(num_buckets + 1, jnp.int32).at[keys].add(1)[:num_buckets]
-    first = jnp.cumsum(counts) - counts
+    keys, order = jax.lax.sort((keys, rows), num_keys=1)
+    edges = jnp.searchsorted(keys, jnp.arange(num_buckets + 1, dtype=jnp.int32)).astype(jnp.int32)
+    first, counts = edges[:-1], jnp.diff(edges)
     tiles = -(-counts // block_q)
     tile_end = jnp.cumsum(tiles)
     num_tiles = -(-keys.shape[0] // block_q) + num_buckets  # static bound
@@ -170,29 +178,26 @@ def _work_list(sel, num_kv_heads, num_chunks, block_q):
     return b, start, size, order
 
 
-def _attend_pass(q, k, v, pos, sel, layout, *, scale, config, interpret):
-    """Attention of a run of tokens q [T, N, H] over their selected chunks -> [T, N, H]."""
+def attention_partials(q, k, v, pos, work, layout, *, slots, scale, config, interpret):
+    """Per row (token, head, slot): normalised output [R + 1, H] (q's dtype) and its natural
+    log-sum-exp [R + 1] float32 over the row's chunk; rows of empty slots are not written."""
     num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    slots = sel.shape[-1]
-    num_chunks = layout.chunk_len.shape[0]
-    block_q = config.block_q
-    bucket, start, size, order = _work_list(sel, num_kv_heads, num_chunks, block_q)
+    bucket, start, size, order = work
     rows = num_tokens * num_heads * slots
     kernel = functools.partial(
         moba_attention_kernel,
-        block_q=block_q,
+        block_q=config.block_q,
         block_k=config.block_k,
         num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
+        num_kv_heads=k.shape[1],
         slots=slots,
         scale=scale,
     )
-    o, lse = pl.pallas_call(
+    return pl.pallas_call(
         kernel,
         grid=(bucket.shape[0],),
         out_shape=(
-            jax.ShapeDtypeStruct((rows + 1, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((rows + 1, head_dim), q.dtype),
             jax.ShapeDtypeStruct((rows + 1,), jnp.float32),
         ),
         compiler_params=plgpu.CompilerParams(
@@ -204,14 +209,31 @@ def _attend_pass(q, k, v, pos, sel, layout, *, scale, config, interpret):
         bucket, start, size, order, q.reshape(-1, head_dim), pos, k, v,
         layout.chunk_start, layout.chunk_len, layout.chunk_pos,
     )  # fmt: skip
+
+
+def merge_slots(o, lse, sel, dtype):
+    """Combine the J partial states of each (token, head) by their natural log-sum-exps."""
+    num_tokens, num_heads, slots = sel.shape
+    rows = num_tokens * num_heads * slots
     valid = sel >= 0
-    o = jnp.where(valid[..., None], o[:rows].reshape(num_tokens, num_heads, slots, head_dim), 0.0)
+    o = o[:rows].reshape(num_tokens, num_heads, slots, -1).astype(jnp.float32)
+    o = jnp.where(valid[..., None], o, 0.0)
     lse = jnp.where(valid, lse[:rows].reshape(num_tokens, num_heads, slots), -jnp.inf)
     m = jnp.max(lse, axis=-1, keepdims=True)
     w = jnp.exp(lse - jnp.where(jnp.isfinite(m), m, 0.0))
     den = jnp.sum(w, axis=-1)
     out = jnp.einsum("tnj,tnjh->tnh", w, o) / jnp.where(den == 0.0, 1.0, den)[..., None]
-    return out.astype(q.dtype)
+    return out.astype(dtype)
+
+
+def _attend_pass(q, k, v, pos, sel, layout, *, scale, config, interpret):
+    """Attention of a run of tokens q [T, N, H] over their selected chunks -> [T, N, H]."""
+    work = work_list(sel, k.shape[1], layout.chunk_len.shape[0], config.block_q)
+    o, lse = attention_partials(
+        q, k, v, pos, work, layout, slots=sel.shape[-1], scale=scale, config=config,
+        interpret=interpret,
+    )  # fmt: skip
+    return merge_slots(o, lse, sel, q.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +251,7 @@ def _select(st: _Static, q, k, layout):
     kbar = chunk_means_pallas(k, layout, block_k=block_k, interpret=st.interpret, num_warps=4)
     return select_chunks_pallas(
         q, kbar, layout, slots=slots, block_q=st.config.gate_block_q,
-        interpret=st.interpret, num_warps=4,
+        interpret=st.interpret, num_warps=st.config.gate_num_warps,
     )  # fmt: skip
 
 
@@ -239,7 +261,7 @@ def _forward(st: _Static, q, k, v, layout):
     config = dataclasses.replace(
         st.config, block_k=min(st.config.block_k, max(16, pl.next_power_of_2(st.block_size)))
     )
-    per_token = q.shape[1] * slots * q.shape[2] * 4
+    per_token = q.shape[1] * slots * q.shape[2] * q.dtype.itemsize
     step = max(config.gate_block_q, config.max_partial_bytes // per_token)
     outs = []
     for t0 in range(0, q.shape[0], step):

@@ -169,14 +169,24 @@ def test_bad_config_and_head_dim_are_rejected():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [BF16, F32])
 def test_gpu_kernel_matches_reference(dtype):
+    from mobajax.moba import _gate, chunk_attention
+
     t, s, n, kv, h, block, top_k = 3000, 4096, 8, 2, 128, 256, 3
     q, k, v = _qkv(12, t, s, n, kv, h, dtype)
-    sel = np.asarray(moba_select(q, k, block_size=block, top_k=top_k))
-    want_sel = np.asarray(moba_selected_chunks(q, k, block_size=block, top_k=top_k))
-    # bf16 gate runs as two bf16 matmuls (about 2**-16 relative): allow a few near-tie flips
-    assert (sel != want_sel).any(axis=-1).mean() < (1e-3 if dtype == BF16 else 1e-4)
+    sel = moba_select(q, k, block_size=block, top_k=top_k)
+    want_sel = moba_selected_chunks(q, k, block_size=block, top_k=top_k)
+    flipped = np.asarray(jnp.any(jnp.sort(sel, -1) != jnp.sort(want_sel, -1), axis=-1))
+    # the bf16 gate runs as two bf16 matmuls (about 2**-16 relative): near ties may flip
+    assert flipped.mean() < (1e-2 if dtype == BF16 else 1e-4), flipped.mean()
+    gate = _gate(q, k, block)
+    score = lambda c: jnp.sum(jnp.take_along_axis(gate, jnp.maximum(c[..., 1:], 0), -1)  # noqa: E731
+                              * (c[..., 1:] >= 0), -1)  # fmt: skip
+    assert float(jnp.max(jnp.abs(score(sel) - score(want_sel)))) < 1e-3
     out = moba_attention(q, k, v, block_size=block, top_k=top_k)
-    want = moba_attention_reference(q, k, v, block_size=block, top_k=top_k)
+    starts = jnp.arange(s // block, dtype=jnp.int32) * block
+    lens = jnp.full_like(starts, block)
+    want = chunk_attention(q, k, v, s - t + jnp.arange(t), sel, starts, lens, starts,
+                           block_size=block, scale=h**-0.5)  # fmt: skip
     rel = float(jnp.linalg.norm((out - want).astype(F32)) / jnp.linalg.norm(want.astype(F32)))
     assert rel < (1e-2 if dtype == BF16 else 3e-3), rel  # Triton's float32 dot is tf32
 
@@ -185,13 +195,13 @@ def test_gpu_kernel_matches_reference(dtype):
 def test_gpu_ragged_and_gradients():
     cu_q = jnp.array([0, 700, 1500, 1800], jnp.int32)
     cu_k = jnp.array([0, 1000, 1800, 2900], jnp.int32)
-    q, k, v = _qkv(13, 1800, 2900, 8, 2, 64, BF16)
+    q, k, v = _qkv(13, 1800, 2900, 8, 2, 64, F32)  # float32: selections match exactly
     args = dict(block_size=128, top_k=4, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
     out = moba_attention(q, k, v, **args)
     want = moba_attention_reference(q, k, v, **args)
-    rel = float(jnp.linalg.norm((out - want).astype(F32)) / jnp.linalg.norm(want.astype(F32)))
-    assert rel < 1e-2, rel
-    q, k, v = (x[:256].astype(F32) for x in (q, k, v))
+    rel = float(jnp.linalg.norm(out - want) / jnp.linalg.norm(want))
+    assert rel < 3e-3, rel
+    q, k, v = (x[:256] for x in (q, k, v))
     g = jax.grad(lambda q: jnp.sum(moba_attention(q, k, v, block_size=64, top_k=2) ** 2))(q)
     g_ref = jax.grad(
         lambda q: jnp.sum(moba_attention_reference(q, k, v, block_size=64, top_k=2) ** 2)
