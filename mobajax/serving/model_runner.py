@@ -1,0 +1,138 @@
+"""The page pool and the jitted steps that run the model over it.
+
+The pool is allocated once (one [P, G, K, H] k/v pair per layer) and donated through every jitted
+call, so it is updated in place and never copied. Two compiled step kinds, each on bucketed shapes
+(powers of two) so recompilation is bounded:
+
+- `step`: a flat ragged batch of T tokens from up to R sequences (prefill chunks and decodes mixed),
+  logits only at the rows that sample, on-device sampling;
+- `decode`: `num_steps` decode steps of R sequences inside one jit (a `fori_loop`), with sampling
+  and stop checks (stop ids, max tokens) on device; used when no admission is pending.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mobajax.attention import PagedKVCache, PagedMetadata
+from mobajax.serving.sampler import SamplingArrays, Sampled, sample, stops
+
+Pools = tuple[tuple[jax.Array, jax.Array], ...]
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class Flags(NamedTuple):
+    """Static sampler variant: any row with top-k/top-p/min-p, with penalties, logprobs wanted."""
+
+    use_filters: bool = False
+    use_penalties: bool = False
+    num_logprobs: int = 0
+
+
+def _copy_pages(pools: Pools, src: jax.Array, dst: jax.Array) -> Pools:
+    """Copy-on-write: page src[i] -> dst[i] in every layer (dst < 0: no copy)."""
+
+    def copy(pools):
+        num_pages = pools[0][0].shape[0]
+        target = jnp.where(dst < 0, num_pages, dst)
+        return tuple(
+            (k.at[target].set(k[src], mode="drop"), v.at[target].set(v[src], mode="drop")) for k, v in pools
+        )
+
+    return jax.lax.cond(jnp.any(dst >= 0), copy, lambda p: p, pools)
+
+
+def _forward(module, params, pools: Pools, tokens, positions, meta: PagedMetadata, logits_index):
+    caches = tuple(PagedKVCache(k, v, meta) for k, v in pools)
+    logits, caches = module.apply({"params": params}, tokens[None], positions[None], caches, logits_index)
+    return logits[0], tuple((c.k_pages, c.v_pages) for c in caches)
+
+
+def _step(module, params, pools, copy_src, copy_dst, tokens, positions, meta, logits_index, arrays, *, flags: Flags):
+    pools = _copy_pages(pools, copy_src, copy_dst)
+    logits, pools = _forward(module, params, pools, tokens, positions, meta, logits_index)
+    return pools, sample(logits, arrays, **flags._asdict())
+
+
+def _decode(module, params, pools, tokens, positions, slots, page_table, remaining, arrays, *, flags: Flags, num_steps: int):
+    rows = tokens.shape[0]
+    row_ids = jnp.arange(rows, dtype=jnp.int32)
+    cu = jnp.arange(rows + 1, dtype=jnp.int32)
+
+    def body(i, carry):
+        pools, last, alive, counts, out = carry
+        meta = PagedMetadata(jnp.where(alive, slots[i], -1), page_table, cu, positions + i + 1, row_ids)
+        logits, pools = _forward(module, params, pools, last, jnp.where(alive, positions + i, -1), meta, row_ids)
+        step_arrays = arrays._replace(counters=arrays.counters + i, counts=counts)
+        s = sample(logits, step_arrays, **flags._asdict())
+        out = Sampled(*(o.at[i].set(x) for o, x in zip(out, s)))
+        out = out._replace(tokens=out.tokens.at[i].set(jnp.where(alive, s.tokens, -1)))
+        if counts is not None:
+            counts = counts + jax.nn.one_hot(s.tokens, counts.shape[-1], dtype=counts.dtype) * alive[:, None]
+        alive = alive & ~(stops(s.tokens, step_arrays) | (i + 1 >= remaining))
+        return pools, jnp.where(alive, s.tokens, last), alive, counts, out
+
+    k = flags.num_logprobs
+    out = Sampled(
+        jnp.full((num_steps, rows), -1, jnp.int32),
+        jnp.zeros((num_steps, rows), jnp.float32),
+        jnp.zeros((num_steps, rows, k), jnp.int32),
+        jnp.zeros((num_steps, rows, k), jnp.float32),
+    )
+    init = (pools, tokens, remaining > 0, arrays.counts, out)
+    pools, _, _, _, out = jax.lax.fori_loop(0, num_steps, body, init)
+    return pools, out
+
+
+@dataclasses.dataclass
+class ModelRunner:
+    """Params + page pool + compiled steps for one model.
+
+    module: the Flax decoder (its config's attention_impl picks XLA or Pallas attention).
+    """
+
+    module: Any
+    params: Any
+    num_pages: int
+    page_size: int
+    max_model_len: int
+    dtype: Any
+
+    def __post_init__(self):
+        c = self.module.config
+        shape = (self.num_pages, self.page_size, c.num_kv_heads, c.head_dim)
+        self.pools: Pools = tuple((jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in range(c.num_layers))
+        self.pages_per_seq = -(-self.max_model_len // self.page_size)
+        self._step = jax.jit(functools.partial(_step, self.module), static_argnames=("flags",), donate_argnums=(1,))
+        self._decode = jax.jit(
+            functools.partial(_decode, self.module), static_argnames=("flags", "num_steps"), donate_argnums=(1,)
+        )
+
+    @staticmethod
+    def page_bytes(config, page_size: int, dtype) -> int:
+        """Bytes of one page across all layers (k and v)."""
+        return 2 * config.num_layers * page_size * config.num_kv_heads * config.head_dim * jnp.dtype(dtype).itemsize
+
+    def step(self, copies, tokens, positions, meta: PagedMetadata, logits_index, arrays: SamplingArrays, flags: Flags) -> Sampled:
+        width = max(len(logits_index), next_power_of_two(len(copies)))
+        src = np.zeros(width, np.int32)
+        dst = np.full(width, -1, np.int32)
+        for i, (s, d) in enumerate(copies):
+            src[i], dst[i] = s, d
+        self.pools, sampled = self._step(self.params, self.pools, src, dst, tokens, positions, meta, logits_index, arrays, flags=flags)
+        return sampled
+
+    def decode(self, tokens, positions, slots, page_table, remaining, arrays: SamplingArrays, flags: Flags, num_steps: int) -> Sampled:
+        self.pools, sampled = self._decode(
+            self.params, self.pools, tokens, positions, slots, page_table, remaining, arrays, flags=flags, num_steps=num_steps
+        )
+        return sampled
