@@ -15,6 +15,7 @@ class EngineConfig:
     per step (prefill chunks + decodes). max_model_len: prompt + output tokens per request (None =
     the model's maximum). enable_prefix_caching: reuse full cached pages across requests.
     decode_steps: decode steps fused into one jitted call when no admission is pending.
+    warmup: compile every step bucket when the engine starts (else on first use).
     """
 
     dtype: str = "float32"
@@ -27,6 +28,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     decode_steps: int = 8
     seed: int = 0
+    warmup: bool = True
 
     def __post_init__(self):
         checks = [

@@ -1,0 +1,129 @@
+"""AsyncEngine: the LLMEngine stepped by a background thread, with asyncio streams per request.
+
+The engine thread loops `step()` while there is work and hands each RequestOutput to the
+request's asyncio queue. `generate()` is an async generator: leaving it early (the client
+disconnected, the task was cancelled) aborts the request and frees its pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+
+from mobajax.serving.config import EngineConfig
+from mobajax.serving.engine import LLMEngine
+from mobajax.serving.outputs import EngineStats, RequestOutput
+from mobajax.serving.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """A step failed; the request it belonged to cannot complete."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, model_name: str):
+        self.engine = engine
+        self.model_name = model_name
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str = "default", engine_config: EngineConfig = EngineConfig(), served_model_name: str | None = None
+    ) -> "AsyncEngine":
+        engine = LLMEngine.from_pretrained(model, engine_config)
+        if engine_config.warmup:
+            engine.warmup()
+        return cls(engine, served_model_name or model)
+
+    async def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="mobajax-engine", daemon=True)
+            self._thread.start()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+            self._thread = None
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, queue = stream
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            with self._lock:
+                busy = self.engine.has_unfinished_requests()
+                if busy:
+                    try:
+                        outputs = self.engine.step()
+                    except Exception as err:  # a bug must not take the server down: fail those requests
+                        log.exception("engine step failed")
+                        outputs = []
+                        for request_id in list(self.engine.requests):
+                            self.engine.abort_request(request_id)
+                            self._deliver(request_id, EngineDeadError(f"engine step failed: {err}"))
+            if not busy:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            for output in outputs:
+                self._deliver(output.request_id, output)
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, prompt: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Cumulative outputs of one request, the last with finished=True.
+
+        Raises ValueError at the first iteration if the request is invalid (nothing is queued).
+        """
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._streams[request_id] = (asyncio.get_running_loop(), queue)
+            try:
+                self.engine.add_request(request_id, prompt_token_ids, params, prompt)
+            except BaseException:
+                del self._streams[request_id]
+                raise
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self.engine.abort_request(request_id)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return self.engine.stats()
+
+    def num_free_pages(self) -> int:
+        return self.stats().num_free_pages
