@@ -36,8 +36,11 @@ class IncrementalDetokenizer:
         self.read_offset = 0
 
     def add(self, token: int) -> str:
-        """Append one id; return the new text it completes ("" while a character is partial)."""
+        """Append one id; return the new text it completes ("" while a character is partial,
+        and always without a tokenizer)."""
         self.ids.append(token)
+        if self.tokenizer is None:
+            return ""
         prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=self.skip)
         full = self.tokenizer.decode(self.ids[self.prefix_offset :], skip_special_tokens=self.skip)
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
