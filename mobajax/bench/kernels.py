@@ -22,24 +22,32 @@ import jax.numpy as jnp
 import numpy as np
 
 from mobajax.pallas.kv_write import kv_write, kv_write_reference
-from mobajax.pallas.paged_decode import PagedDecodeConfig, paged_decode
+from mobajax.pallas.paged_decode import PagedDecodeConfig, auto_num_splits, paged_decode
 from mobajax.pallas.paged_prefill import PagedPrefillConfig, paged_prefill
 
 N, K, H, G = 32, 8, 128, 16
 DTYPE = jnp.bfloat16
 DECODE_CASES = ((32, 4096), (128, 4096), (16, 32768), (1, 262144))
 PREFILL_LENGTHS = (8192, 32768)
-DECODE_CONFIGS = (
-    PagedDecodeConfig(),
-    PagedDecodeConfig(block_kv=64, num_warps=4, num_stages=4),
-    PagedDecodeConfig(block_kv=256, num_warps=8, num_stages=3),
-)
+# (block_kv, num_stages) of the decode sweep; each is tried at the automatic num_splits, twice
+# and half of it.
+DECODE_TILES = ((64, 4), (64, 2), (128, 3))
 PREFILL_CONFIGS = (
     PagedPrefillConfig(),
-    PagedPrefillConfig(block_m=128, block_kv=64, num_warps=4, num_stages=3),
-    PagedPrefillConfig(block_m=128, block_kv=128, num_warps=8, num_stages=2),
-    PagedPrefillConfig(block_m=64, block_kv=64, num_warps=4, num_stages=2),
+    PagedPrefillConfig(block_m=128, block_kv=128, num_warps=4, num_stages=3),
+    PagedPrefillConfig(block_m=128, block_kv=64, num_warps=8, num_stages=3),
+    PagedPrefillConfig(block_m=128, block_kv=32, num_warps=4, num_stages=4),
+    PagedPrefillConfig(block_m=64, block_kv=64, num_warps=4, num_stages=3),
 )
+
+
+def decode_configs(batch: int, context: int, quick: bool) -> list[PagedDecodeConfig]:
+    configs = []
+    for block_kv, stages in DECODE_TILES[:1] if quick else DECODE_TILES:
+        auto = auto_num_splits(batch, K, -(-context // block_kv))
+        for splits in dict.fromkeys((auto, 2 * auto, max(1, auto // 2))):
+            configs.append(PagedDecodeConfig(block_kv=block_kv, num_stages=stages, num_splits=splits))
+    return configs
 
 
 def timeit(fn, *args, iters: int = 10, reps: int = 5) -> float:
@@ -104,12 +112,13 @@ def bench_decode(bandwidth: float, quick: bool) -> list[dict]:
         floor = kv_bytes / bandwidth
         reference = jax.jit(xla_decode)(q, k_pages, v_pages, table, lengths)
         ours = {}
-        for config in DECODE_CONFIGS[:1] if quick else DECODE_CONFIGS:
+        for config in decode_configs(batch, context, quick):
             fn = jax.jit(lambda *a, c=config: paged_decode(*a, config=c))
             err = rel_err(fn(q, k_pages, v_pages, table, lengths), reference)
             ours[config] = (timeit(fn, q, k_pages, v_pages, table, lengths), err)
         best = min(ours, key=lambda c: ours[c][0])
         t_ours, err = ours[best]
+        t_default = timeit(jax.jit(paged_decode), q, k_pages, v_pages, table, lengths)
         # JAX's kernel wants [K, P, G, H] pools and a page count divisible by k_splits.
         kt, vt = jnp.transpose(k_pages, (2, 0, 1, 3)), jnp.transpose(v_pages, (2, 0, 1, 3))
         peer = {}
@@ -127,6 +136,8 @@ def bench_decode(bandwidth: float, quick: bool) -> list[dict]:
                 floor_ms=floor * 1e3,
                 ours_ms=t_ours * 1e3,
                 ours_bw_frac=floor / t_ours,
+                default_config_ms=t_default * 1e3,
+                default_bw_frac=floor / t_default,
                 ours_config=repr(best),
                 ours_rel_err=err,
                 all_configs_ms={repr(c): v[0] * 1e3 for c, v in ours.items()},
@@ -222,7 +233,8 @@ def bench_write(bandwidth: float) -> list[dict]:
 
 
 def print_row(row: dict) -> None:
-    keys = ("ours_ms", "peer_ms", "xla_ms", "ours_bw_frac", "peer_bw_frac", "xla_bw_frac",
+    keys = ("ours_ms", "peer_ms", "xla_ms", "ours_bw_frac", "default_bw_frac", "peer_bw_frac",
+            "xla_bw_frac",
             "ours_tflops", "peer_tflops", "speedup_vs_peer", "ratio_vs_cudnn", "ours_rel_err")
     cells = [f"{k}={row[k]:.3g}" for k in keys if k in row]
     print(f"{row['kernel']:14s} {row['case']:34s} " + " ".join(cells), flush=True)

@@ -178,7 +178,11 @@ def attention_chunk_reference(
     kv_heads = k.shape[2]
     scale = h**-0.5 if scale is None else scale
     qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    exact = jax.lax.Precision.HIGHEST  # no TF32 on GPU: the reference must be float32-exact
+    logits = jnp.einsum(
+        "btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32, precision=exact
+    )
+    logits = logits * scale
     qp = q_positions[:, None, None, :, None]
     kp = k_positions[:, None, None, None, :]
     visible = (kp >= 0) & (kp <= qp)
@@ -188,7 +192,11 @@ def attention_chunk_reference(
     probs = jnp.where(visible, jnp.exp(logits - lse_safe[..., None]), 0.0)
     v_safe = jnp.where((k_positions >= 0)[:, :, None, None], v, 0).astype(v.dtype)
     out = jnp.einsum(
-        "bkgts,bskh->btkgh", probs, v_safe.astype(jnp.float32), preferred_element_type=jnp.float32
+        "bkgts,bskh->btkgh",
+        probs,
+        v_safe.astype(jnp.float32),
+        preferred_element_type=jnp.float32,
+        precision=exact,
     )
     out = out.reshape(b, t, n, h).astype(q.dtype)
     lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, t, n)

@@ -44,10 +44,10 @@ class PagedDecodeConfig:
     num_splits: split-K ranges per sequence; None picks one from B, K and P_max.
     """
 
-    block_kv: int = 128
+    block_kv: int = 64
     num_splits: int | None = None
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 4
 
     def __post_init__(self):
         if not (osm.is_power_of_two(self.block_kv) and self.block_kv >= 16):
@@ -122,7 +122,17 @@ def _check(q, k_pages, v_pages, page_table, lengths):
         raise ValueError(f"lengths must be int32 [B={b}], got {lengths.dtype}{lengths.shape}")
 
 
-def _auto_splits(batch: int, kv_heads: int, max_blocks: int) -> int:
+def kv_tile(block_kv: int, head_dim: int, dtype) -> int:
+    """Keys per tile, capped for 4-byte dtypes so that the pipelined K/V tiles fit in shared
+    memory (float32 at H = 128 and 128 keys over 3 stages asked for 270 KB on an H100)."""
+    if jnp.dtype(dtype).itemsize >= 4:
+        return min(block_kv, max(16, 8192 // head_dim))
+    return block_kv
+
+
+def auto_num_splits(batch: int, kv_heads: int, max_blocks: int) -> int:
+    """Split-K ranges so that B * K * splits reaches about TARGET_PROGRAMS (at most one block
+    of pages per split)."""
     programs = batch * kv_heads
     return max(1, min(max_blocks, -(-TARGET_PROGRAMS // programs)))
 
@@ -152,9 +162,9 @@ def paged_decode(
     scale = h**-0.5 if scale is None else scale
     gq = n // kv_heads
     rows = max(16, osm.next_power_of_two(gq))
-    ppb = max(1, config.block_kv // g)
+    ppb = max(1, kv_tile(config.block_kv, h, q.dtype) // g)
     max_blocks = -(-page_table.shape[1] // ppb)
-    splits = config.num_splits or _auto_splits(b, kv_heads, max_blocks)
+    splits = config.num_splits or auto_num_splits(b, kv_heads, max_blocks)
     q4 = jnp.pad(q.reshape(b, kv_heads, gq, h), ((0, 0), (0, 0), (0, rows - gq), (0, 0)))
     part_dtype = q.dtype if splits == 1 else jnp.float32
 
@@ -226,10 +236,11 @@ def paged_decode_reference(
     k = gather_pages(k_pages, page_table, lengths).astype(jnp.float32)
     v = gather_pages(v_pages, page_table, lengths).astype(jnp.float32)
     qg = q.astype(jnp.float32).reshape(b, kv_heads, n // kv_heads, h)
-    logits = jnp.einsum("bkgh,bskh->bkgs", qg, k) * scale
+    exact = jax.lax.Precision.HIGHEST  # no TF32 on GPU: the reference must be float32-exact
+    logits = jnp.einsum("bkgh,bskh->bkgs", qg, k, precision=exact) * scale
     ok = jnp.arange(k.shape[1])[None, None, None, :] < lengths[:, None, None, None]
     logits = jnp.where(ok, logits, -jnp.inf)
     lse = jax.nn.logsumexp(logits, axis=-1)
     probs = jnp.where(ok, jnp.exp(logits - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]), 0.0)
-    out = jnp.einsum("bkgs,bskh->bkgh", probs, v).reshape(b, n, h).astype(q.dtype)
+    out = jnp.einsum("bkgs,bskh->bkgh", probs, v, precision=exact).reshape(b, n, h).astype(q.dtype)
     return (out, lse.reshape(b, n)) if return_lse else out

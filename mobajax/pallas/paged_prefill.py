@@ -32,7 +32,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from mobajax.pallas import online_softmax as osm
 from mobajax.pallas.attention_chunk import HEAD_DIMS, attention_chunk_reference, merge_states
-from mobajax.pallas.paged_decode import PAGE_SIZES, gather_pages
+from mobajax.pallas.paged_decode import PAGE_SIZES, gather_pages, kv_tile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +42,8 @@ class PagedPrefillConfig:
 
     block_m: int = 128
     block_kv: int = 64
-    num_warps: int = 8
-    num_stages: int = 2
+    num_warps: int = 4
+    num_stages: int = 3
 
     def __post_init__(self):
         for name in ("block_m", "block_kv"):
@@ -192,7 +192,7 @@ def paged_prefill(
     gq = n // kv_heads
     gq_pad = osm.next_power_of_two(gq)
     block_q = max(1, config.block_m // gq_pad, 16 // gq_pad)
-    ppb = max(1, config.block_kv // g)
+    ppb = max(1, kv_tile(config.block_kv, h, q.dtype) // g)
     num_blocks = -(-t // block_q) + b
     t_pad = t + block_q
     q4 = jnp.pad(q.reshape(t, kv_heads, gq, h), ((0, block_q), (0, 0), (0, gq_pad - gq), (0, 0)))
