@@ -40,10 +40,12 @@ VARIANTS = {
 }
 
 
-def make_checkpoint(path, variant: str, *, tied: bool, seed: int = 0, max_shard_size=None):
-    """Save a random tiny model of `variant` to `path`; returns the torch model (float32, eval)."""
+def make_checkpoint(path, variant: str, *, tied: bool, seed: int = 0, max_shard_size=None, **overrides):
+    """Save a random tiny model of `variant` to `path`; returns the torch model (float32, eval).
+
+    overrides: config fields replacing the SMALL defaults (e.g. vocab_size)."""
     config_cls, model_cls, extra = VARIANTS[variant]
-    config = config_cls(**SMALL, **extra, tie_word_embeddings=tied)
+    config = config_cls(**{**SMALL, **extra, **overrides}, tie_word_embeddings=tied)
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     with torch.no_grad():  # larger-than-default weights make logits spread, so parity is meaningful

@@ -1,0 +1,195 @@
+"""LLMEngine and mobajax.LLM on a tiny random Llama with the default model's real tokenizer.
+
+Greedy outputs of batched, chunked, preempted, prefix-cached and forked runs must equal those of
+the plain KV-cached generator run one request at a time (float32).
+"""
+
+import numpy as np
+import pytest
+
+import mobajax
+from mobajax.generate import generate_tokens
+from mobajax.models import load_pretrained
+from mobajax.models.default_model import default_gguf_path
+from mobajax.models.gguf_import import read_gguf
+from mobajax.serving.config import EngineConfig
+from mobajax.serving.engine import LLMEngine
+from mobajax.serving.sampling_params import SamplingParams
+from tests.models.hf_checkpoints import make_checkpoint
+
+VOCAB = 49152
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog because",
+    "Hello",
+    "A long prompt: " + "one two three four five six seven eight nine ten " * 6,
+    "Paris is the capital of",
+    "def fibonacci(n):\n    return",
+]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A tiny random Llama whose vocabulary is SmolLM2's, saved with SmolLM2's tokenizer."""
+    path = tmp_path_factory.mktemp("tiny_smol")
+    make_checkpoint(path, "llama", tied=True, vocab_size=VOCAB, max_position_embeddings=512)
+    read_gguf(default_gguf_path()).tokenizer.save_pretrained(path)
+    return load_pretrained(str(path))
+
+
+def engine(model, **overrides) -> LLMEngine:
+    args = dict(max_num_seqs=8, max_num_batched_tokens=32, decode_steps=4, warmup=False, page_size=8)
+    args.update(overrides)
+    return LLMEngine(model, EngineConfig(**args))
+
+
+def run(eng: LLMEngine, prompts, params) -> dict[str, list]:
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        eng.add_request(str(i), p, sp)
+    done = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
+
+
+@pytest.fixture(scope="module")
+def token_prompts(model):
+    return [model.tokenizer.encode(p) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def alone(model, token_prompts):
+    """Greedy continuations, one request at a time, through the dense-cache generator."""
+    return [list(generate_tokens(model, p, max_tokens=20, stop_ids=())) for p in token_prompts]
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+
+
+def outputs_of(done, n=len(PROMPTS)):
+    return [done[str(i)].outputs[0].token_ids for i in range(n)]
+
+
+def test_batched_chunked_greedy_equals_one_at_a_time(model, token_prompts, alone):
+    eng = engine(model)
+    done = run(eng, token_prompts, [GREEDY] * len(PROMPTS))
+    assert outputs_of(done) == alone
+    assert all(done[str(i)].outputs[0].finish_reason == "length" for i in range(len(PROMPTS)))
+    assert eng.stats().num_free_pages == eng.blocks.num_pages
+
+
+def test_preemption_keeps_outputs_and_frees_every_page(model, token_prompts, alone):
+    eng = engine(model, num_pages=12, enable_prefix_caching=False, max_model_len=96)
+    done = run(eng, token_prompts, [GREEDY] * len(PROMPTS))
+    assert eng.stats().num_preemptions > 0
+    assert outputs_of(done) == alone
+    assert eng.blocks.num_free == eng.blocks.num_pages and all(r == 0 for r in eng.blocks.ref_counts)
+
+
+def test_prefix_cache_hits_and_same_outputs(model, token_prompts, alone):
+    eng = engine(model)
+    first = run(eng, token_prompts[2:3], [GREEDY])
+    for i in range(3):  # the same long prompt again: its full pages come from the cache
+        eng.add_request(f"again{i}", token_prompts[2], GREEDY)
+    done = {}
+    while eng.has_unfinished_requests():
+        done.update({o.request_id: o for o in eng.step() if o.finished})
+    stats = eng.stats()
+    assert stats.prefix_cache_hits >= 3 * (len(token_prompts[2]) // 8 - 1) * 8
+    assert done["again0"].num_cached_tokens > 0
+    assert all(done[f"again{i}"].outputs[0].token_ids == alone[2] for i in range(3))
+    assert first["0"].outputs[0].token_ids == alone[2]
+
+
+def test_n_greedy_completions_share_pages_copy_on_write(model, token_prompts, alone):
+    eng = engine(model)
+    done = run(eng, token_prompts[:1], [SamplingParams(n=3, temperature=0, max_tokens=20, ignore_eos=True)])
+    outs = done["0"].outputs
+    assert [o.index for o in outs] == [0, 1, 2]
+    assert all(o.token_ids == alone[0] for o in outs)
+    assert eng.blocks.num_free == eng.blocks.num_pages
+
+
+def test_seeded_sampling_is_reproducible_regardless_of_batch(model, token_prompts):
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=12, ignore_eos=True, n=2)
+    alone = run(engine(model), token_prompts[:1], [seeded])["0"].outputs
+    crowd = [SamplingParams(temperature=0.8, max_tokens=12)] * 4
+    together = run(engine(model), token_prompts[:1] + token_prompts[1:], [seeded] + crowd)["0"].outputs
+    assert [o.token_ids for o in alone] == [o.token_ids for o in together]
+    assert alone[0].token_ids != alone[1].token_ids  # the n completions draw differently
+
+
+def test_stop_strings_tokens_and_lengths(model, token_prompts, alone):
+    tok = model.tokenizer
+    text = tok.decode(alone[0])
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    eng = engine(model)
+    params = [
+        SamplingParams(temperature=0, max_tokens=20, stop=[stop], ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=20, stop=[stop], include_stop_str_in_output=True, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[alone[0][5]], ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=7, ignore_eos=True),
+    ]
+    done = run(eng, [token_prompts[0]] * 4, params)
+    cut = text.index(stop)
+    assert done["0"].outputs[0].text == text[:cut] and done["0"].outputs[0].stop_reason == stop
+    assert done["1"].outputs[0].text == text[: cut + len(stop)]
+    third = done["2"].outputs[0]
+    assert third.token_ids == alone[0][: alone[0].index(alone[0][5]) + 1] and third.stop_reason == alone[0][5]
+    assert done["3"].outputs[0].token_ids == alone[0][:7] and done["3"].outputs[0].finish_reason == "length"
+
+
+def test_logprobs_are_raw_model_logprobs(model, token_prompts):
+    eng = engine(model)
+    out = run(eng, token_prompts[3:4], [SamplingParams(temperature=0, max_tokens=3, logprobs=5, ignore_eos=True)])["0"]
+    first = out.outputs[0].logprobs[0]
+    assert out.outputs[0].token_ids[0] in first and len(first) == 5
+    from mobajax.models import forward
+
+    logits = forward(model, [token_prompts[3]])[0, -1]
+    logp = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+    best = np.argsort(-logp)[:5]
+    assert sorted(first) == sorted(int(i) for i in best)
+    np.testing.assert_allclose([first[int(i)].logprob for i in best], logp[best], atol=1e-4)
+
+
+def test_abort_frees_pages(model, token_prompts):
+    eng = engine(model)
+    eng.add_request("a", token_prompts[2], SamplingParams(temperature=0, max_tokens=50))
+    eng.step()
+    assert eng.blocks.num_free < eng.blocks.num_pages
+    final = eng.abort_request("a")
+    assert final.finished and final.outputs[0].finish_reason == "abort"
+    assert eng.blocks.num_free == eng.blocks.num_pages and not eng.has_unfinished_requests()
+
+
+def test_bad_requests_are_refused_with_clear_messages(model, token_prompts):
+    eng = engine(model, max_model_len=64)
+    with pytest.raises(ValueError, match=r"maximum context length is 64 tokens.*requested 1\d\d tokens"):
+        eng.add_request("x", token_prompts[0], SamplingParams(max_tokens=100))
+    with pytest.raises(ValueError, match="prompt is empty"):
+        eng.add_request("y", [], SamplingParams())
+    with pytest.raises(ValueError, match=r"n \(9\) exceeds max_num_seqs \(8\)"):
+        eng.add_request("z", token_prompts[1], SamplingParams(n=9))
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 49152\)"):
+        eng.add_request("w", [VOCAB], SamplingParams())
+    with pytest.raises(ValueError, match="cannot hold one request"):
+        engine(model, num_pages=2, max_model_len=64)
+    assert not eng.has_unfinished_requests()
+
+
+def test_llm_offline_api(model, token_prompts, alone, tmp_path):
+    llm = mobajax.LLM(model=_save(model, tmp_path), max_num_seqs=4, warmup=False, page_size=8)
+    outs = llm.generate(PROMPTS[:3], mobajax.SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outs] == alone[:3]
+    assert outs[0].outputs[0].text == model.tokenizer.decode(alone[0], skip_special_tokens=True)
+    with pytest.raises(ValueError, match="unknown engine arguments \\['max_seqs'\\]"):
+        mobajax.LLM(model="default", max_seqs=3)
+
+
+def _save(model, tmp_path) -> str:
+    from mobajax.models import save_pretrained
+
+    save_pretrained(model, str(tmp_path / "converted"))
+    return str(tmp_path / "converted")
