@@ -37,12 +37,48 @@ class RopeConfig:
     truncate: bool = True
 
 
+MOE_IMPLEMENTATIONS = ("xla", "pallas", "mosaic")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Sparse MoE block settings (HF semantics).
+
+    num_experts: E routed experts; top_k: experts per token; intermediate_size: F of one expert.
+    norm_topk_prob: renormalise the top-k softmax probabilities to sum to 1 (Mixtral: always).
+    shared_expert_size: F of the Qwen2-MoE shared expert (0 = none); its output is scaled by
+      sigmoid(shared_expert_gate(x)).
+    layers: per layer, True where the layer is sparse (from `decoder_sparse_step` and
+      `mlp_only_layers`); dense layers use the model's `intermediate_size`.
+    impl: the grouped-matmul backend of the experts: "xla" (`lax.ragged_dot`, any backend),
+      "pallas" (Pallas Triton kernel, GPU), "mosaic" (Pallas Mosaic GPU kernel, Hopper).
+    """
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    norm_topk_prob: bool = True
+    shared_expert_size: int = 0
+    layers: tuple[bool, ...] = ()
+    impl: str = "xla"
+
+    def __post_init__(self):
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok must lie in [1, {self.num_experts}], got {self.top_k}")
+        if self.impl not in MOE_IMPLEMENTATIONS:
+            raise ValueError(f"moe impl {self.impl!r} is not one of {MOE_IMPLEMENTATIONS}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Decoder config of the Llama family (Llama, Mistral, Qwen2, Qwen3).
+    """Decoder config of the Llama family (Llama, Mistral, Qwen2, Qwen3, and the MoE variants
+    Mixtral, Qwen2-MoE, Qwen3-MoE).
 
     layer_windows: per layer, the sliding window (None = full attention).
     eos_token_ids: every id that ends generation.
+    moe: the mixture-of-experts settings (None = dense model: every layer has a GatedMLP).
     """
 
     architecture: str
@@ -66,6 +102,11 @@ class ModelConfig:
     attention_impl: str = "xla"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    moe: MoEConfig | None = None
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer `layer` has a sparse MoE block (else a dense GatedMLP)."""
+        return self.moe is not None and self.moe.layers[layer]
 
     def attention_spec(self, layer: int) -> AttentionSpec:
         """The attention spec of layer `layer` (its sliding window, the chosen impl)."""
@@ -129,9 +170,42 @@ def _eos_ids(hf: dict[str, Any]) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
 
 
-def parse_llama_family(hf: dict[str, Any], family: str, **flags: bool) -> ModelConfig:
+MOE_KINDS = ("mixtral", "routed", "shared")
+
+
+def parse_moe(hf: dict[str, Any], num_layers: int, kind: str) -> MoEConfig:
+    """MoEConfig from a Mixtral / Qwen2-MoE / Qwen3-MoE config dict.
+
+    kind: "mixtral" (experts of size `intermediate_size`, always renormalised), "routed"
+    (Qwen3-MoE: `moe_intermediate_size`, `norm_topk_prob`) or "shared" (Qwen2-MoE: plus a shared
+    expert). The expert count is `num_experts` or `num_local_experts` (both spellings occur).
+    """
+    assert kind in MOE_KINDS, kind
+    mixtral = kind == "mixtral"
+    num_experts = hf.get("num_experts") or hf.get("num_local_experts")
+    if not num_experts:
+        raise ValueError(f"config.json has no 'num_experts' / 'num_local_experts', which a {hf.get('model_type')} model needs")
+    step = int(hf.get("decoder_sparse_step") or 1)
+    if step < 1:
+        raise ValueError(f"decoder_sparse_step must be >= 1, got {step}")
+    mlp_only = set(hf.get("mlp_only_layers") or ())
+    bad = sorted(i for i in mlp_only if not 0 <= i < num_layers)
+    if bad:
+        raise ValueError(f"mlp_only_layers names layers {bad} outside [0, {num_layers})")
+    return MoEConfig(
+        num_experts=int(num_experts),
+        top_k=int(_require(hf, "num_experts_per_tok")),
+        intermediate_size=int(_require(hf, "intermediate_size" if mixtral else "moe_intermediate_size")),
+        norm_topk_prob=True if mixtral else bool(hf.get("norm_topk_prob", False)),
+        shared_expert_size=int(_require(hf, "shared_expert_intermediate_size")) if kind == "shared" else 0,
+        layers=tuple(i not in mlp_only and (i + 1) % step == 0 for i in range(num_layers)),
+    )
+
+
+def parse_llama_family(hf: dict[str, Any], family: str, moe: str | None = None, **flags: bool) -> ModelConfig:
     """ModelConfig from an HF config dict of the Llama family.
 
+    moe: None (dense) or one of `MOE_KINDS` (see `parse_moe`).
     flags: per-architecture switches (qkv_bias, o_bias, qk_norm) that override config keys.
     """
     num_heads = _require(hf, "num_attention_heads")
@@ -152,11 +226,12 @@ def parse_llama_family(hf: dict[str, Any], family: str, **flags: bool) -> ModelC
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
         rope=parse_rope(hf),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=flags.get("qkv_bias", attention_bias),
+        qkv_bias=flags.get("qkv_bias", bool(hf.get("qkv_bias", attention_bias))),
         o_bias=flags.get("o_bias", attention_bias),
         mlp_bias=bool(hf.get("mlp_bias", False)),
         qk_norm=flags.get("qk_norm", False),
         layer_windows=_layer_windows(hf, num_layers),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=_eos_ids(hf),
+        moe=None if moe is None else parse_moe(hf, num_layers, moe),
     )

@@ -1,4 +1,6 @@
-"""The Llama decoder family: Llama (incl. Llama 3 rope scaling), Mistral, Qwen2, Qwen3.
+"""The Llama decoder family: Llama (incl. Llama 3 rope scaling), Mistral, Qwen2, Qwen3 and the
+MoE variants Mixtral, Qwen2-MoE, Qwen3-MoE (a `SparseMoE` block in place of the MLP on the layers
+`config.is_moe_layer` selects).
 
 One functional Flax Linen module: `Decoder(config, dtype).apply({"params": p}, tokens, positions,
 caches)`. The KV cache is an explicit argument and result (no mutable collections).
@@ -14,17 +16,24 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import Mesh
+
 from mobajax.attention import KVCache, PagedKVCache
 from mobajax.models.config import ModelConfig
 from mobajax.models.layers import Attention, GatedMLP, RMSNorm, dense
+from mobajax.models.moe import SparseMoE
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)); x [B, T, D]."""
+    """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)); x [B, T, D].
+
+    The mlp is a GatedMLP (params "mlp") or, on MoE layers, a SparseMoE (params "moe").
+    """
 
     config: ModelConfig
     layer: int
     dtype: Any = jnp.float32
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(
@@ -46,7 +55,10 @@ class DecoderLayer(nn.Module):
         )
         h, cache = attn(RMSNorm(c.rms_norm_eps, self.dtype, name="input_norm")(x), positions, cache)
         x = x + h
-        mlp = GatedMLP(c.intermediate_size, c.mlp_bias, self.dtype, name="mlp")
+        if c.is_moe_layer(self.layer):
+            mlp = SparseMoE(c.moe, self.dtype, self.mesh, name="moe")
+        else:
+            mlp = GatedMLP(c.intermediate_size, c.mlp_bias, self.dtype, name="mlp")
         x = x + mlp(RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_norm")(x))
         return x, cache
 
@@ -58,10 +70,13 @@ class Decoder(nn.Module):
     `mobajax.attention.init_kv_cache`, or the serving pool's `PagedKVCache`); the updated caches
     are returned. logits_index [R] int32: if given, logits only for those flat token rows of a
     B == 1 batch -> [1, R, V] (the LM head then skips the other rows).
+    mesh: the device mesh of `mobajax.parallel` when params are sharded (MoE layers then run
+    expert-parallel); None on one device. Dense layers need nothing from it (GSPMD).
     """
 
     config: ModelConfig
     dtype: Any = jnp.float32
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(
@@ -76,7 +91,7 @@ class Decoder(nn.Module):
         x = embed(tokens)
         new_caches = []
         for i in range(c.num_layers):
-            layer = DecoderLayer(c, i, self.dtype, name=f"layers_{i}")
+            layer = DecoderLayer(c, i, self.dtype, self.mesh, name=f"layers_{i}")
             x, cache = layer(x, positions, None if caches is None else caches[i])
             new_caches.append(cache)
         if logits_index is not None:

@@ -3,6 +3,11 @@
 The weight map is declarative: one row per HF tensor name (template over layers) giving the
 param path in the Flax tree, the expected HF shape and whether the matrix is transposed
 (HF stores linear weights [out, in], Flax kernels are [in, out]).
+
+MoE experts are stacked params ([E, D, F] / [E, F, D]). Checkpoints store them one tensor per
+expert (`...experts.3.w1.weight`, `...experts.3.gate_proj.weight`: what transformers 5's
+`save_pretrained` writes) or fused as transformers 5 holds them in memory (`experts.gate_up_proj`
+[E, 2F, D], `experts.down_proj` [E, D, F]); the map lists both, the fused ones as alternatives.
 """
 
 from __future__ import annotations
@@ -20,11 +25,32 @@ from mobajax.models.llama import Decoder
 
 @dataclasses.dataclass(frozen=True)
 class WeightSpec:
-    """Where one HF tensor goes: params[path], HF shape, transpose to [in, out] or not."""
+    """Where one HF tensor goes: params[path], HF shape, transpose to [in, out] or not.
+
+    transpose: swap the last two axes (HF [.., out, in] -> Flax [.., in, out]).
+    num_experts: E if params[path] is a stacked [E, ...] expert param, else 0.
+    expert: the slice params[path][expert] this per-expert tensor fills; None = all experts.
+    fused_with: params concatenated after `path` along the HF out axis (-2) in equal blocks
+      (transformers 5's `gate_up_proj` holds gate then up).
+    alternative: another storage of tensors the map also lists one by one (fused experts): it
+      may replace them, and is never reported missing by itself.
+    """
 
     path: tuple[str, ...]
     shape: tuple[int, ...]
     transpose: bool = False
+    num_experts: int = 0
+    expert: int | None = None
+    fused_with: tuple[tuple[str, ...], ...] = ()
+    alternative: bool = False
+
+    def pieces(self) -> list[tuple[tuple[str, ...], int | None]]:
+        """The (param path, expert or None) pieces this tensor fills."""
+        paths = (self.path, *self.fused_with)
+        if not self.num_experts:
+            return [(p, None) for p in paths]
+        experts = range(self.num_experts) if self.expert is None else (self.expert,)
+        return [(p, e) for p in paths for e in experts]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,15 +94,50 @@ def llama_weight_map(c: ModelConfig) -> dict[str, WeightSpec]:
         specs["lm_head.weight"] = WeightSpec(("lm_head", "kernel"), (c.vocab_size, c.hidden_size), True)
     for i in range(c.num_layers):
         for name, path, shape, transpose, needed in _LLAMA_LAYER_ROWS:
-            if needed(c):
+            if needed(c) and not (c.is_moe_layer(i) and name.startswith("mlp.")):
                 specs[f"model.layers.{i}.{name}"] = WeightSpec((f"layers_{i}", *path), shape(c), transpose)
+        if c.is_moe_layer(i):
+            specs.update(_moe_layer_specs(c, i))
     return specs
 
 
-def _llama(**flags: bool) -> Architecture:
+# Per-expert HF names of one MoE layer: (block prefix, gate name, up name, down name).
+_MIXTRAL_EXPERTS = ("block_sparse_moe", "w1", "w3", "w2")
+_QWEN_EXPERTS = ("mlp", "gate_proj", "up_proj", "down_proj")
+
+
+def _moe_layer_specs(c: ModelConfig, i: int) -> dict[str, WeightSpec]:
+    """Router, experts (per-expert and fused alternatives) and shared expert of MoE layer i."""
+    m, d, layer = c.moe, c.hidden_size, f"model.layers.{i}"
+    e, f = m.num_experts, m.intermediate_size
+    block, gate, up, down = _MIXTRAL_EXPERTS if c.architecture == "MixtralForCausalLM" else _QWEN_EXPERTS
+    moe = (f"layers_{i}", "moe")
+    experts = (*moe, "experts")
+    specs = {f"{layer}.{block}.gate.weight": WeightSpec((*moe, "router"), (e, d), True)}
+    if block != "mlp":  # transformers 5 in memory renames Mixtral's block_sparse_moe to mlp
+        specs[f"{layer}.mlp.gate.weight"] = WeightSpec((*moe, "router"), (e, d), True, alternative=True)
+    for x in range(e):
+        prefix = f"{layer}.{block}.experts.{x}"
+        specs[f"{prefix}.{gate}.weight"] = WeightSpec((*experts, "gate_proj"), (f, d), True, e, x)
+        specs[f"{prefix}.{up}.weight"] = WeightSpec((*experts, "up_proj"), (f, d), True, e, x)
+        specs[f"{prefix}.{down}.weight"] = WeightSpec((*experts, "down_proj"), (d, f), True, e, x)
+    specs[f"{layer}.mlp.experts.gate_up_proj"] = WeightSpec(
+        (*experts, "gate_proj"), (e, 2 * f, d), True, e, fused_with=((*experts, "up_proj"),), alternative=True
+    )
+    specs[f"{layer}.mlp.experts.down_proj"] = WeightSpec((*experts, "down_proj"), (e, d, f), True, e, alternative=True)
+    if m.shared_expert_size:
+        s = m.shared_expert_size
+        shared = (*moe, "shared_expert")
+        for name, shape in (("gate_proj", (s, d)), ("up_proj", (s, d)), ("down_proj", (d, s))):
+            specs[f"{layer}.mlp.shared_expert.{name}.weight"] = WeightSpec((*shared, name, "kernel"), shape, True)
+        specs[f"{layer}.mlp.shared_expert_gate.weight"] = WeightSpec((*moe, "shared_expert_gate", "kernel"), (1, d), True)
+    return specs
+
+
+def _llama(moe: str | None = None, **flags: bool) -> Architecture:
     return Architecture(
         family="llama",
-        parse=functools.partial(parse_llama_family, family="llama", **flags),
+        parse=functools.partial(parse_llama_family, family="llama", moe=moe, **flags),
         module=Decoder,
         weight_map=llama_weight_map,
     )
@@ -87,6 +148,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "MistralForCausalLM": _llama(),
     "Qwen2ForCausalLM": _llama(qkv_bias=True, o_bias=False),
     "Qwen3ForCausalLM": _llama(qk_norm=True),
+    "MixtralForCausalLM": _llama(moe="mixtral"),
+    "Qwen2MoeForCausalLM": _llama(moe="shared", o_bias=False),
+    "Qwen3MoeForCausalLM": _llama(moe="routed", qk_norm=True),
 }
 
 # Tensors some checkpoints carry that are not parameters (recomputed buffers).

@@ -1,0 +1,167 @@
+"""Sparse mixture-of-experts block of the Llama family (Mixtral, Qwen2-MoE, Qwen3-MoE).
+
+Router in float32: softmax over the E experts, top-k, optionally renormalised to sum to 1
+(`norm_topk_prob`; Mixtral always). Tokens are sorted by expert and the experts run as grouped
+matmuls (`mobajax.pallas.grouped_matmul`); outputs are weighted and scattered back. Qwen2-MoE adds
+a dense shared expert scaled by sigmoid(shared_expert_gate(x)).
+
+With a mesh (`mobajax.parallel`), the experts run in a `jax.shard_map`: experts sharded over the
+`expert` axis (their F dim over `tensor`), every device routes all of its tokens, runs only its
+local experts on the assignments that go to them and the partial outputs are summed with one
+`psum` over (`expert`, `tensor`). No capacity: every assignment is computed, so skewed routing
+drops nothing.
+
+Shape letters: B batch, T tokens, D model dim, E experts, F expert MLP dim; A = tokens * top_k
+assignments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from mobajax.models.config import MoEConfig
+from mobajax.models.layers import GatedMLP, dense
+from mobajax.pallas.grouped_matmul import grouped_matmul, grouped_matmul_mosaic
+
+
+def route(logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
+    """Router logits [N, E] -> (weights [N, k] float32, experts [N, k] int32), HF semantics.
+
+    Softmax in float32 over all experts, then the top-k probabilities (renormalised to sum to 1
+    if `normalize`). Finite for any finite logits: the softmax subtracts the row maximum.
+    """
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)
+    if normalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, experts.astype(jnp.int32)
+
+
+def expert_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str) -> jax.Array:
+    """Grouped matmul x [A, K] (sorted by group) @ w [G, K, N] -> [A, N]; rows past the groups are 0
+    for "xla" and unspecified for the kernels (callers mask them)."""
+    if impl == "xla":
+        return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32).astype(x.dtype)
+    if impl == "pallas":
+        return grouped_matmul(x, w, group_sizes)
+    return grouped_matmul_mosaic(x, w, group_sizes)
+
+
+def run_experts(
+    x: jax.Array,
+    weights: jax.Array,
+    experts: jax.Array,
+    gate: jax.Array,
+    up: jax.Array,
+    down: jax.Array,
+    *,
+    first_expert: int | jax.Array = 0,
+    impl: str = "xla",
+) -> jax.Array:
+    """sum_k weights[n, k] * expert_{experts[n, k]}(x[n]) over the experts held here -> [N, D] float32.
+
+    x [N, D]; weights, experts [N, k]; gate, up [E_local, D, F]; down [E_local, F, D] hold experts
+    first_expert .. first_expert + E_local - 1. Assignments to other experts contribute 0.
+    """
+    n, k = experts.shape
+    num_local = gate.shape[0]
+    local = experts.reshape(-1) - first_expert
+    held = (local >= 0) & (local < num_local)
+    key = jnp.where(held, local, num_local)  # other experts' assignments sort last
+    order = jnp.argsort(key, stable=True)
+    group_sizes = jnp.bincount(key, length=num_local + 1)[:num_local].astype(jnp.int32)
+    token = order // k
+    xs = x[token]  # [A, D], grouped by expert
+    h = nn.silu(expert_matmul(xs, gate, group_sizes, impl)) * expert_matmul(xs, up, group_sizes, impl)
+    y = expert_matmul(h, down, group_sizes, impl).astype(jnp.float32)  # [A, D]
+    scale = jnp.where(held[order], weights.reshape(-1)[order], 0.0)
+    y = jnp.where(held[order][:, None], y, 0.0) * scale[:, None]  # kernel rows past the groups: unset
+    return jnp.zeros((n, x.shape[1]), jnp.float32).at[token].add(y)
+
+
+def expert_parallel_experts(
+    x: jax.Array,
+    weights: jax.Array,
+    experts: jax.Array,
+    gate: jax.Array,
+    up: jax.Array,
+    down: jax.Array,
+    *,
+    mesh: Mesh,
+    impl: str = "xla",
+) -> jax.Array:
+    """`run_experts` with experts sharded over mesh axis `expert` and F over `tensor` -> [N, D] float32.
+
+    Tokens stay sharded over `data` (when N divides) and replicated over the other axes; each
+    device computes its local experts' (F-slice) contributions, summed by one psum.
+    """
+    data = "data" if x.shape[0] % mesh.shape["data"] == 0 else None
+
+    def local(x, weights, experts, gate, up, down):
+        first = jax.lax.axis_index("expert") * gate.shape[0]
+        out = run_experts(x, weights, experts, gate, up, down, first_expert=first, impl=impl)
+        return jax.lax.psum(out, ("expert", "tensor"))
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P(data), P(data), P(data), P("expert", None, "tensor"), P("expert", None, "tensor"), P("expert", "tensor", None)),
+        out_specs=P(data),
+    )(x, weights, experts, gate, up, down)
+
+
+class SparseMoE(nn.Module):
+    """Router + routed experts (+ Qwen2-MoE shared expert): x [B, T, D] -> [B, T, D].
+
+    Params: router [D, E]; experts/{gate_proj, up_proj} [E, D, F], experts/down_proj
+    [E, F, D]; shared_expert (GatedMLP) and shared_expert_gate/kernel [D, 1] if present.
+    mesh: if set, the experts run expert-parallel over it (`expert_parallel_experts`).
+    """
+
+    config: MoEConfig
+    dtype: Any = jnp.float32
+    mesh: Mesh | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        b, t, d = x.shape
+        e, f = c.num_experts, c.intermediate_size
+        router = self.param("router", nn.initializers.lecun_normal(), (d, e), self.dtype)
+        gate, up, down = _Experts(e, d, f, self.dtype, name="experts")()
+        flat = x.reshape(b * t, d)
+        logits = flat.astype(jnp.float32) @ router.astype(jnp.float32)
+        weights, chosen = route(logits, c.top_k, c.norm_topk_prob)
+        if self.mesh is None:
+            out = run_experts(flat, weights, chosen, gate, up, down, impl=c.impl)
+        else:
+            out = expert_parallel_experts(flat, weights, chosen, gate, up, down, mesh=self.mesh, impl=c.impl)
+        if c.shared_expert_size:
+            shared = GatedMLP(c.shared_expert_size, False, self.dtype, name="shared_expert")(flat)
+            shared_gate = dense(1, "shared_expert_gate", False, self.dtype)(flat)
+            out = out + jax.nn.sigmoid(shared_gate.astype(jnp.float32)) * shared.astype(jnp.float32)
+        return out.astype(x.dtype).reshape(b, t, d)
+
+
+class _Experts(nn.Module):
+    """The stacked expert weights: (gate_proj [E, D, F], up_proj [E, D, F], down_proj [E, F, D])."""
+
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        e, d, f = self.num_experts, self.hidden_size, self.intermediate_size
+        init = nn.initializers.lecun_normal(batch_axis=(0,))
+        return (
+            self.param("gate_proj", init, (e, d, f), self.dtype),
+            self.param("up_proj", init, (e, d, f), self.dtype),
+            self.param("down_proj", init, (e, f, d), self.dtype),
+        )
