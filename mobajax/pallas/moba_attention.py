@@ -60,11 +60,11 @@ class MobaConfig:
     outputs (q's dtype) held at once; longer inputs run in several passes over the tokens.
     """
 
-    block_q: int = 64
+    block_q: int = 128
     block_k: int = 64
     gate_block_q: int = 64
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
     gate_num_warps: int = 4
     max_partial_bytes: int = 2**33
 

@@ -128,8 +128,7 @@ def moba_chunk_mean_kernel(
 
 def moba_gate_kernel(
     q_ref,  # [T, N, H]
-    kbar_hi_ref,  # [K, Cp, H] (q's dtype for 16-bit q, else float32)
-    kbar_lo_ref,  # [K, Cp, H] (rounding error of hi, same dtype) or None
+    kbar_ref,  # [K, Cp, H] float32
     own_ref,  # [T] int32
     lo_ref,  # [T] int32
     sel_ref,  # [Tp, N, J'] int32 (out), Tp = T rounded up to block_q
@@ -140,17 +139,20 @@ def moba_gate_kernel(
 ):
     i, n = pl.program_id(0), pl.program_id(1)
     num_tokens = q_ref.shape[0]
-    num_padded = kbar_hi_ref.shape[1]
+    num_padded = kbar_ref.shape[1]
     rows = i * block_q + jnp.arange(block_q)
     live = rows < num_tokens
     safe = jnp.minimum(rows, num_tokens - 1)
     q = plgpu.load(gather_rows(q_ref, safe, n))  # [block_q, H]
     h = n // group
-    if kbar_lo_ref is None:
-        q = q.astype(jnp.float32)
-        s = plgpu.dot(q, kbar_hi_ref[h], trans_b=True, precision=jax.lax.Precision.HIGHEST)
-    else:  # 16-bit q is exact; kbar = hi + lo to about 2**-16 relative
-        s = plgpu.dot(q, kbar_hi_ref[h], trans_b=True) + plgpu.dot(q, kbar_lo_ref[h], trans_b=True)
+    kbar = kbar_ref[h]  # [Cp, H] float32
+    if q.dtype == jnp.float32:
+        s = plgpu.dot(q, kbar, trans_b=True, precision=jax.lax.Precision.HIGHEST)
+    else:  # 16-bit q is exact; kbar = hi + lo to about 2**-16 relative, split here (not in XLA,
+        # whose excess-precision rewrites may drop the f32 -> 16 bit -> f32 rounding)
+        hi = kbar.astype(q.dtype)
+        lo = (kbar - hi.astype(jnp.float32)).astype(q.dtype)
+        s = plgpu.dot(q, hi, trans_b=True) + plgpu.dot(q, lo, trans_b=True)
     own = jnp.where(live, plgpu.load(own_ref.at[safe]), -1)
     lo = plgpu.load(lo_ref.at[safe])
     cid = jnp.arange(num_padded)[None, :]
@@ -199,11 +201,8 @@ def select_chunks_pallas(
     group = num_heads // kbar.shape[0]
     padded = kbar.shape[1]
     block_q = max(16, min(block_q, pl.next_power_of_2(max(1, 16384 // padded))))
-    if q.dtype in (jnp.bfloat16, jnp.float16):
-        hi = kbar.astype(q.dtype)
-        lo = (kbar - hi.astype(jnp.float32)).astype(q.dtype)
-    else:
-        hi, lo = kbar, None
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        q = q.astype(jnp.float32)
     tiles = pl.cdiv(num_tokens, block_q)
     kernel = functools.partial(moba_gate_kernel, block_q=block_q, group=group, picks=slots - 1)
     sel = pl.pallas_call(
@@ -213,5 +212,5 @@ def select_chunks_pallas(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="moba_gate",
-    )(q, hi, lo, layout.token_own, layout.token_lo)
+    )(q, kbar, layout.token_own, layout.token_lo)
     return sel[:num_tokens]
