@@ -1,0 +1,133 @@
+"""Expert, tensor and data parallelism on 8 fake CPU devices equal one device (prefill and decode).
+
+jax fixes its device count when it starts, so the checks run in a subprocess started with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (`_checks` below); this process only checks
+the mesh and sharding rules, which need no devices.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from mobajax.models.config import ModelConfig, MoEConfig, RopeConfig
+from mobajax.parallel import check_parallel, make_mesh, param_spec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_moe_config(**moe_changes) -> ModelConfig:
+    """Qwen2-MoE-like: layer 0 sparse (8 experts, top-2, shared expert), layer 1 dense."""
+    moe = dict(num_experts=8, top_k=2, intermediate_size=32, norm_topk_prob=False, shared_expert_size=48,
+               layers=(True, False))
+    return ModelConfig(
+        architecture="Qwen2MoeForCausalLM", family="llama", vocab_size=96, hidden_size=64,
+        intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6,
+        max_position_embeddings=128, rope=RopeConfig(theta=10000.0), qkv_bias=True,
+        moe=MoEConfig(**{**moe, **moe_changes}),
+    )
+
+
+def test_param_rules():
+    mesh = make_mesh(devices=jax.devices()[:1])
+    assert param_spec("layers_0/attn/q_proj/kernel", (64, 64), mesh) == P(None, "tensor")
+    assert param_spec("layers_0/attn/o_proj/kernel", (64, 64), mesh) == P("tensor", None)
+    assert param_spec("layers_0/moe/experts/down_proj", (8, 32, 64), mesh) == P("expert", "tensor", None)
+    assert param_spec("layers_0/moe/router", (64, 8), mesh) == P()
+    assert param_spec("embed/embedding", (96, 64), mesh) == P()
+
+
+def test_mesh_and_divisibility_errors():
+    with pytest.raises(ValueError, match=r"must equal the number of devices \(1\)"):
+        make_mesh(expert=2, devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match="tensor parallel size must be >= 1"):
+        make_mesh(tensor=0)
+
+    class FakeMesh:
+        shape = {"data": 1, "expert": 3, "tensor": 1}
+
+    with pytest.raises(ValueError, match="expert parallel size 3 must divide num_experts=8"):
+        check_parallel(tiny_moe_config(), FakeMesh())
+    FakeMesh.shape = {"data": 1, "expert": 1, "tensor": 4}
+    with pytest.raises(ValueError, match="tensor parallel size 4 must divide num_key_value_heads=2"):
+        check_parallel(tiny_moe_config(), FakeMesh())
+
+
+def test_parallel_equals_single_device_on_8_cpu_devices():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-c", "from tests.test_parallel import _checks; _checks()"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "all parallel checks passed" in result.stdout
+
+
+def _close(ours, ref, what):
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    err = np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-6)
+    assert err <= 1e-5, f"{what}: relative error {err}"
+    print(f"{what}: relative error {err:.1e}")
+
+
+def _prefill_and_decode(module, params, tokens, next_tokens, config):
+    """Logits of a cached prefill of tokens [B, T] and of one decode step of next_tokens [B, 1]."""
+    from mobajax.attention import init_kv_cache
+
+    b, t = tokens.shape
+    caches = init_kv_cache(config.num_layers, b, 32, config.num_kv_heads, config.head_dim, jnp.float32)
+    step = jax.jit(lambda p, x, pos, c: module.apply({"params": p}, x, pos, c))
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    prefill, caches = step(params, tokens, positions, caches)
+    decode, _ = step(params, next_tokens, jnp.full((b, 1), t, jnp.int32), caches)
+    return prefill, decode
+
+
+def _checks():
+    """Run in the 8-device subprocess."""
+    from mobajax.models.llama import Decoder
+    from mobajax.models.moe import expert_parallel_experts, run_experts
+    from mobajax.models.pretrained import Pretrained
+    from mobajax.parallel import parallelize
+
+    assert jax.device_count() == 8, jax.devices()
+    rng = np.random.default_rng(0)
+    config = tiny_moe_config()
+    module = Decoder(config, jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, 96, (2, 13)), jnp.int32)
+    next_tokens = jnp.asarray(rng.integers(0, 96, (2, 1)), jnp.int32)
+    params = module.init(jax.random.key(0), tokens, jnp.zeros_like(tokens))["params"]
+    params = jax.tree.map(lambda x: x * 3.0 if x.ndim > 1 else x, params)  # spread the router logits
+    skewed = jax.tree.map(lambda x: x, params)
+    skewed["layers_0"]["moe"]["router"] = jnp.zeros_like(params["layers_0"]["moe"]["router"])  # ties: experts 0, 1
+
+    for name, p in (("dynamic routing", params), ("all tokens to experts 0 and 1", skewed)):
+        ref_prefill, ref_decode = _prefill_and_decode(module, p, tokens, next_tokens, config)
+        for shape in (dict(expert=8), dict(expert=4, tensor=2), dict(data=2, expert=2, tensor=2), dict(data=4, tensor=2)):
+            loaded = Pretrained(config, p, module, None, {}, "float32")
+            par = parallelize(loaded, make_mesh(**shape))
+            assert par.module.mesh is not None and par.config == config
+            prefill, decode = _prefill_and_decode(par.module, par.params, tokens, next_tokens, config)
+            _close(prefill, ref_prefill, f"{name} {shape} prefill")
+            _close(decode, ref_decode, f"{name} {shape} decode")
+
+    # all assignments to one expert (top-1): the device holding it gets every token, nothing dropped
+    x = jnp.asarray(rng.standard_normal((40, 64)), jnp.float32)
+    experts = jnp.full((40, 1), 5, jnp.int32)
+    weights = jnp.ones((40, 1), jnp.float32)
+    moe = params["layers_0"]["moe"]["experts"]
+    w = (moe["gate_proj"], moe["up_proj"], moe["down_proj"])
+    ref = run_experts(x, weights, experts, *w)
+    for shape in (dict(expert=8), dict(expert=4, tensor=2)):
+        out = jax.jit(lambda *a, mesh=make_mesh(**shape): expert_parallel_experts(*a, mesh=mesh))(x, weights, experts, *w)
+        _close(out, ref, f"one expert {shape}")
+    assert np.abs(np.asarray(ref)).min(axis=1).max() > 0  # every token got the expert's output
+    print("all parallel checks passed")
