@@ -278,20 +278,10 @@ class _Server:
                     finals[i] = out
             return finals
 
-        async def disconnected() -> None:
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-
-        work, watch = asyncio.ensure_future(collect()), asyncio.ensure_future(disconnected())
-        try:
-            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watch.cancel()
-            if not work.done():
-                work.cancel()
-        if not work.done() or work.cancelled():
+        finished, finals = await _unless_disconnected(request.receive, collect())
+        if not finished:
             raise _ClientGone()
-        return work.result()
+        return finals
 
     # Streaming -------------------------------------------------------------------------------
 
@@ -392,17 +382,47 @@ class _Server:
 
 
 class _EventStream(StreamingResponse):
-    """SSE response that always closes its event iterator (and so aborts unfinished requests)."""
+    """SSE response that stops (closing its events, which aborts the request) on disconnect.
+
+    Starlette's own disconnect handling relies on anyio's cancel delivery, which can starve
+    when every loop iteration hands the stream a new output; an asyncio cancel cannot.
+    """
 
     def __init__(self, events: AsyncIterator[str]):
         super().__init__(events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def __call__(self, scope, receive, send):
+        async def stream() -> None:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for event in self.body_iterator:
+                await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
         try:
-            await super().__call__(scope, receive, send)
+            await _unless_disconnected(receive, stream())
         finally:
             await self.body_iterator.aclose()
+
+
+async def _unless_disconnected(receive, coro) -> tuple[bool, object]:
+    """(True, result) of `coro`, or (False, None) once it was cancelled by a client disconnect."""
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    work, watch = asyncio.ensure_future(coro), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.wait({work})  # let it close its engine iterators (aborting the request)
+    if work.cancelled():
+        return False, None
+    return True, work.result()
 
 
 def _json(body) -> Response:

@@ -142,7 +142,7 @@ def test_n_completions(server):
     assert greedy.choices[0].message.content == greedy.choices[1].message.content
     chunks = list(client.chat.completions.create(model=MODEL_NAME, messages=CHAT, n=2, max_tokens=8, temperature=0,
                                                  stream=True))
-    texts = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == k)
+    texts = ["".join(c.delta.content or "" for chunk in chunks for c in chunk.choices if c.index == k)
              for k in (0, 1)]
     assert texts == [greedy.choices[0].message.content] * 2
 
@@ -172,7 +172,7 @@ BAD_INPUTS = [
     (b"{not json", 400, "malformed JSON"),
     ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": "ten"}, 400, "'max_tokens': Input should be a valid integer"),
     ({"model": MODEL_NAME, "prompt": 42}, 400, "prompt must be a string"),
-    ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": -5}, 400, "max_tokens must be an integer >= 1, got -5"),
+    ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": -5}, 400, "max_tokens must be an integer >= 1 or None, got -5"),
     ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": 10**9}, 400, "this model's maximum length is 256 tokens"),
     ({"model": MODEL_NAME, "prompt": "hi", "temperature": -1}, 400, "temperature must be >= 0"),
     ({"model": MODEL_NAME, "prompt": "hi", "top_p": 1.5}, 400, "top_p must be in (0, 1], got 1.5"),
