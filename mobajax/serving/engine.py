@@ -67,6 +67,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.stats_counters = EngineStats()
         self._rng = np.random.default_rng(config.seed)
+        self.device_seconds = 0.0  # wall time spent waiting for jitted steps (the rest is host work)
 
     @classmethod
     def from_pretrained(cls, model: str = "default", config: EngineConfig = EngineConfig()) -> "LLMEngine":
@@ -167,7 +168,9 @@ class LLMEngine:
         )
         flags = batch.flags_for(sample_seqs)
         arrays = batch.sampling_arrays(sample_seqs, rows, [self._stop_ids(s) for s in sample_seqs], self.model_config.vocab_size, flags)
+        start = time.perf_counter()
         sampled = jax.device_get(self.runner.step(out.copies, tokens, positions, meta, logits_index, arrays, flags))
+        self.device_seconds += time.perf_counter() - start
         for item in out.scheduled:
             self.scheduler.advance(item)
         for i, seq in enumerate(sample_seqs):
@@ -205,7 +208,9 @@ class LLMEngine:
         )
         flags = batch.flags_for(seqs)
         arrays = batch.sampling_arrays(seqs, len(tokens), [self._stop_ids(s) for s in seqs], self.model_config.vocab_size, flags)
+        start = time.perf_counter()
         sampled = jax.device_get(self.runner.decode(tokens, positions, slots, page_table, remaining, arrays, flags, num_steps))
+        self.device_seconds += time.perf_counter() - start
         for b, seq in enumerate(seqs):
             start = seq.num_computed
             taken = 0
