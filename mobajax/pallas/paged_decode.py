@@ -32,8 +32,9 @@ from mobajax.pallas import online_softmax as osm
 from mobajax.pallas.attention_chunk import HEAD_DIMS, merge_states
 
 PAGE_SIZES = (8, 16, 32, 64, 128)
-# Programs to aim for when choosing num_splits automatically (a few per SM of an H100).
-TARGET_PROGRAMS = 528
+# Programs to aim for when choosing num_splits automatically (about 8 per SM of an H100; the
+# sweep in docs/benchmarks.md put the best split counts between 4 and 10 programs per SM).
+TARGET_PROGRAMS = 1024
 
 
 @dataclasses.dataclass(frozen=True)
