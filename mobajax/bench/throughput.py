@@ -31,9 +31,11 @@ def hf_generate_tokens_per_second(hf_config: dict, batch: int, prompt: int, new:
     import transformers
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = transformers.AutoConfig.for_model(**{k: v for k, v in hf_config.items() if k != "architectures"})
+    fields = {k: v for k, v in hf_config.items() if k not in ("architectures", "model_type")}
+    config = transformers.AutoConfig.for_model(hf_config["model_type"], **fields)
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype).to(device).eval()
+    with torch.device(device):  # initialise the random weights where they run
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype).eval()
     ids = torch.randint(0, config.vocab_size, (batch, prompt), device=device)
     kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     with torch.no_grad():

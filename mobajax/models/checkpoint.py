@@ -14,7 +14,6 @@ import os
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 
 MARKER = "mobajax.json"
 FORMAT = 1
@@ -32,6 +31,8 @@ def save_converted(path: str, hf_config: dict[str, Any], params: Any, dtype: str
         json.dump(hf_config, f, indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+    import orbax.checkpoint as ocp  # imported on use: serving and benchmarks don't need it
+
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(path, "params"), params)
     checkpointer.wait_until_finished()
@@ -49,6 +50,8 @@ def read_marker(path: str) -> dict[str, Any]:
 
 def restore_params(path: str, abstract_params: Any) -> Any:
     """Restore the params tree; `abstract_params` is its jax.ShapeDtypeStruct tree."""
+    import orbax.checkpoint as ocp
+
     checkpointer = ocp.StandardCheckpointer()
     return checkpointer.restore(os.path.join(os.path.abspath(path), "params"), abstract_params)
 
