@@ -65,6 +65,11 @@ def build_app(engine, *, api_key: str | None = None, served_model_name: str | No
     async def _client_gone(_request, _err):
         return Response(status_code=499)  # nobody reads it: the request was aborted
 
+    @app.exception_handler(Exception)
+    async def _internal_error(_request, err: Exception):
+        message = f"internal server error: {type(err).__name__}: {err}"
+        return JSONResponse(error_body(message, type="internal_server_error"), status_code=500)
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request, err: RequestValidationError):
         return JSONResponse(error_body(str(err.errors())), status_code=400)
@@ -88,7 +93,7 @@ def build_app(engine, *, api_key: str | None = None, served_model_name: str | No
 
     @app.get("/metrics")
     async def metrics():
-        content, media_type = server.metrics.render()
+        content, media_type = await asyncio.to_thread(server.metrics.render)  # stats() may wait for a step
         return Response(content, media_type=media_type)
 
     @app.post("/tokenize")
@@ -307,8 +312,8 @@ class _Server:
                 if include_usage:
                     yield _sse(CompletionResponse(id=request_id, created=created, model=self.model_name,
                                                   choices=[], usage=_usage(finals)))
-            except ApiError as err:
-                yield _sse(err.body())
+            except Exception as err:  # the status line is sent: report it as an event, as vLLM does
+                yield _sse(_error_event(err))
         yield "data: [DONE]\n\n"
 
     async def _chat_events(self, request_id, outputs, params, include_usage) -> AsyncIterator[str]:
@@ -338,8 +343,8 @@ class _Server:
                         yield chunk(choices)
                 if include_usage and final is not None:
                     yield chunk([], _usage({0: final}))
-            except ApiError as err:
-                yield _sse(err.body())
+            except Exception as err:  # the status line is sent: report it as an event, as vLLM does
+                yield _sse(_error_event(err))
         yield "data: [DONE]\n\n"
 
     # Response pieces -------------------------------------------------------------------------
@@ -423,6 +428,12 @@ async def _unless_disconnected(receive, coro) -> tuple[bool, object]:
     if work.cancelled():
         return False, None
     return True, work.result()
+
+
+def _error_event(err: Exception) -> dict:
+    if isinstance(err, ApiError):
+        return err.body()
+    return error_body(f"internal server error: {type(err).__name__}: {err}", type="internal_server_error")
 
 
 def _json(body) -> Response:

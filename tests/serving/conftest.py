@@ -81,7 +81,7 @@ class LiveServer:
 def live_server(*flags: str, api_key: str | None = None):
     port = free_port()
     log = tempfile.NamedTemporaryFile("w", prefix="mobajax-serve-", suffix=".log", delete=False)
-    args = [sys.executable, "-m", "mobajax.serve", "--port", str(port), "--log-level", "warning", *flags]
+    args = [sys.executable, "-m", "mobajax.serve", "--port", str(port), "--log-level", "warning", "--no-warmup", *flags]
     if api_key:
         args += ["--api-key", api_key]
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
