@@ -67,6 +67,14 @@ def copy_bandwidth() -> float:
     return 2 * x.nbytes / seconds
 
 
+def matmul_rate() -> float:
+    """FLOP/s of a bf16 8192^3 matrix product on random data (float32 accumulation)."""
+    a = jax.random.normal(jax.random.key(9), (8192, 8192), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(8), (8192, 8192), jnp.bfloat16)
+    seconds = timeit(jax.jit(lambda x, y: x @ y), a, b, iters=20)
+    return 2 * 8192**3 / seconds
+
+
 def rel_err(a, b) -> float:
     a = jnp.asarray(a, jnp.float32)
     b = jnp.asarray(b, jnp.float32)
@@ -150,7 +158,7 @@ def bench_decode(bandwidth: float, quick: bool) -> list[dict]:
     return rows
 
 
-def bench_prefill(quick: bool) -> list[dict]:
+def bench_prefill(rate: float, quick: bool) -> list[dict]:
     rows = []
     for length in PREFILL_LENGTHS[:1] if quick else PREFILL_LENGTHS:
         q, k_pages, v_pages, _, _ = make_pool(1, length, seed=1)
@@ -191,6 +199,7 @@ def bench_prefill(quick: bool) -> list[dict]:
                 case=f"causal S={length}",
                 flops=flops,
                 ours_ms=t_ours * 1e3,
+                floor_ms=flops / rate * 1e3,
                 ours_tflops=flops / t_ours / 1e12,
                 ours_config=repr(best),
                 ours_rel_err=err,
@@ -295,11 +304,13 @@ def main(argv: list[str]) -> int:
     os.makedirs(args.out, exist_ok=True)
     bandwidth = copy_bandwidth()
     print(f"device {jax.devices()[0].device_kind}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    rate = matmul_rate()
+    print(f"bf16 matmul 8192^3: {rate / 1e12:.0f} TFLOP/s")
     rows = []
     if "decode" in only:
         rows += bench_decode(bandwidth, args.quick)
     if "prefill" in only:
-        rows += bench_prefill(args.quick)
+        rows += bench_prefill(rate, args.quick)
     if "write" in only:
         rows += bench_write(bandwidth)
     meta = dict(
@@ -308,6 +319,7 @@ def main(argv: list[str]) -> int:
         jax=jax.__version__,
         python=platform.python_version(),
         copy_bandwidth_bytes_per_s=bandwidth,
+        matmul_flops_per_s=rate,
     )
     with open(os.path.join(args.out, "kernels.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
