@@ -61,7 +61,7 @@ class MobaConfig:
     """
 
     block_q: int = 128
-    block_k: int = 64
+    block_k: int = 32
     gate_block_q: int = 64
     num_warps: int = 4
     num_stages: int = 3
@@ -266,6 +266,8 @@ def _forward(st: _Static, q, k, v, layout):
     outs = []
     for t0 in range(0, q.shape[0], step):
         t1 = min(q.shape[0], t0 + step)
+        if outs:  # run the passes one after another so their partials are never live together
+            _, q = jax.lax.optimization_barrier((outs[-1], q))
         outs.append(
             _attend_pass(
                 q[t0:t1], k, v, layout.token_pos[t0:t1], sel[t0:t1], layout,

@@ -83,6 +83,14 @@ def test_explicit_positions_and_default_config():
     assert_close(out, want, F32, "q_positions")
 
 
+def test_several_passes_over_the_tokens_give_the_same_result():
+    q, k, v = _qkv(14, 64, 64, 4, 2, 16, F32)
+    tiny = MobaConfig(block_q=16, block_k=16, gate_block_q=16, max_partial_bytes=4096)
+    out = moba_attention(q, k, v, block_size=16, top_k=2, config=tiny, interpret=True)
+    want = moba_attention_reference(q, k, v, block_size=16, top_k=2)
+    assert_close(out, want, F32, "4 passes")
+
+
 def test_ties_pick_the_lower_chunk_like_the_reference():
     row = np.random.default_rng(9).standard_normal((1, 1, 16))
     k = jnp.asarray(np.tile(row, (64, 1, 1)), F32)  # all pooled keys equal: every score ties
