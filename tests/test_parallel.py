@@ -131,3 +131,53 @@ def _checks():
         _close(out, ref, f"one expert {shape}")
     assert np.abs(np.asarray(ref)).min(axis=1).max() > 0  # every token got the expert's output
     print("all parallel checks passed")
+
+
+def test_two_process_expert_parallel_on_cpu():
+    """Multi-host in miniature: two processes joined by `jax.distributed.initialize()` (one CPU
+    device each, gloo collectives), experts split across them, output equal to one device."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    code = "import sys; from tests.test_parallel import _multihost_worker; _multihost_worker(int(sys.argv[1]), int(sys.argv[2]))"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(i), str(port)], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for i, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, out[-4000:]
+        assert f"process {i} of 2: expert-parallel equals one device" in out
+
+
+def _multihost_worker(process_id: int, port: int):
+    """One of the two processes of `test_two_process_expert_parallel_on_cpu`."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+    from jax.sharding import NamedSharding
+
+    from mobajax.models.moe import expert_parallel_experts, run_experts
+
+    assert jax.device_count() == 2 and jax.local_device_count() == 1
+    mesh = make_mesh(expert=jax.device_count())
+    rng = np.random.default_rng(0)  # same seed: every process holds the same global arrays
+    x = rng.standard_normal((12, 16)).astype(np.float32)
+    experts = rng.integers(0, 4, (12, 2)).astype(np.int32)
+    weights = rng.random((12, 2)).astype(np.float32)
+    gate, up = (rng.standard_normal((4, 16, 32)).astype(np.float32) / 4 for _ in range(2))
+    down = rng.standard_normal((4, 32, 16)).astype(np.float32) / 6
+    args = (x, weights, experts, gate, up, down)
+    ref = np.asarray(run_experts(*(jnp.asarray(a) for a in args)))
+
+    def put(a, spec):
+        return jax.make_array_from_callback(a.shape, NamedSharding(mesh, spec), lambda index: a[index])
+
+    specs = (P(), P(), P(), P("expert"), P("expert"), P("expert"))
+    run = jax.jit(lambda *a: expert_parallel_experts(*a, mesh=mesh), out_shardings=NamedSharding(mesh, P()))
+    out = np.asarray(run(*(put(a, s) for a, s in zip(args, specs))).addressable_data(0))
+    _close(out, ref, f"process {process_id}")
+    print(f"process {process_id} of 2: expert-parallel equals one device")
