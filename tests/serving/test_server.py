@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from mobajax.serve import parse_args
+from mobajax.serve import main, parse_args
 from tests.serving.conftest import MODEL_NAME
 
 pytestmark = pytest.mark.slow
@@ -24,11 +24,12 @@ def complete(client, prompt, ignore_eos=False, **kw):
 async def stream_text(server, prompt, **kw):
     """(text, finish reason) of one streamed completion (a fresh client: one per event loop)."""
     text, finish = "", None
-    stream = await server.async_client().completions.create(model=MODEL_NAME, prompt=prompt, stream=True, **kw)
-    async for chunk in stream:
-        for choice in chunk.choices:
-            text += choice.text
-            finish = choice.finish_reason or finish
+    async with server.async_client() as client:
+        stream = await client.completions.create(model=MODEL_NAME, prompt=prompt, stream=True, **kw)
+        async for chunk in stream:
+            for choice in chunk.choices:
+                text += choice.text
+                finish = choice.finish_reason or finish
     return text, finish
 
 
@@ -75,8 +76,13 @@ def test_streaming_with_usage(server):
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
     assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
     plain = list(client.completions.create(model=MODEL_NAME, prompt="Once upon a time", max_tokens=6,
-                                           temperature=0, stream=True))
+                                           temperature=0, stream=True, extra_body={"ignore_eos": True}))
     assert all(c.usage is None for c in plain)  # no usage chunk unless asked for
+    counted = list(client.completions.create(model=MODEL_NAME, prompt="Once upon a time", max_tokens=6,
+                                             temperature=0, stream=True, stream_options={"include_usage": True},
+                                             extra_body={"ignore_eos": True}))
+    assert counted[-1].choices == [] and counted[-1].usage.completion_tokens == 6
+    assert "".join(c.choices[0].text for c in counted[:-1]) == "".join(c.choices[0].text for c in plain)
     raw = server.http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "stream": True}).text
     events = [e for e in raw.split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
@@ -257,8 +263,8 @@ def test_prefix_caching_hits_and_equal_outputs(server, tiny_server):
 
 
 def test_tiny_pool_preempts_and_completes(tiny_server):
-    prompts = [f"Story number {i} begins like this:" for i in range(6)]
-    kw = dict(max_tokens=48, temperature=0, extra_body={"ignore_eos": True})
+    prompts = [f"Story number {i} begins like this:" for i in range(5)]  # 5 x 3 pages > 8 pages
+    kw = dict(max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
     alone = [asyncio.run(stream_text(tiny_server, p, **kw)) for p in prompts]
     before = tiny_server.metrics()
 
@@ -319,3 +325,8 @@ def test_flags_build_the_engine_config():
                                "--no-enable-prefix-caching", "--dtype", "bfloat16"])
     assert (config.num_pages, config.page_size, config.max_model_len) == (12, 32, 300)
     assert (config.enable_prefix_caching, config.dtype, args.host, args.port) == (False, "bfloat16", "127.0.0.1", 8000)
+
+
+def test_missing_model_exits_2(capsys):
+    assert main(["--model", "no/such/dir", "--no-warmup"]) == 2
+    assert "model path 'no/such/dir' does not exist" in capsys.readouterr().err
