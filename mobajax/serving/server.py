@@ -161,6 +161,13 @@ class _Server:
         if bad:
             raise ApiError(f"{param} holds token ids outside [0, {vocab}): {bad[:5]}", param=param)
 
+    def check_params(self, params: SamplingParams) -> SamplingParams:
+        """Bounds that depend on the model (the engine packs these into int32 arrays)."""
+        self.check_token_ids(params.stop_token_ids, "stop_token_ids")
+        if params.top_k >= len(self.tokenizer):
+            params.top_k = 0  # keeping every token is what "off" means
+        return params
+
     def check_length(self, ids: list[int], params: SamplingParams, param: str) -> None:
         limit = self.engine.max_model_len
         if not ids:
@@ -168,6 +175,9 @@ class _Server:
         if len(ids) >= limit:
             raise ApiError(f"the prompt is {len(ids)} tokens long; this model's maximum length is {limit} "
                            f"tokens (prompt + output), so the prompt must be shorter", param=param)
+        if params.min_tokens > limit - len(ids):
+            raise ApiError(f"min_tokens ({params.min_tokens}) must be <= the {limit - len(ids)} tokens left after "
+                           f"the prompt (maximum length {limit})", param="min_tokens")
         if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
             raise ApiError(f"this model's maximum length is {limit} tokens, but {len(ids) + params.max_tokens} "
                            f"were requested ({len(ids)} in the prompt, {params.max_tokens} as max_tokens); "
@@ -187,7 +197,7 @@ class _Server:
 
     async def completions(self, request: Request, req: CompletionRequest) -> Response:
         self.check_model(req.model)
-        params = req.to_sampling_params()
+        params = self.check_params(req.to_sampling_params())
         prompts = []
         for prompt in req.prompts():
             if isinstance(prompt, str):
@@ -211,7 +221,7 @@ class _Server:
 
     async def chat(self, request: Request, req: ChatCompletionRequest) -> Response:
         self.check_model(req.model)
-        params = req.to_sampling_params()
+        params = self.check_params(req.to_sampling_params())
         text, ids = self.chat_prompt(req.conversation(), req.add_generation_prompt)
         self.check_length(ids, params, "messages")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"

@@ -17,8 +17,9 @@ pytestmark = pytest.mark.slow
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def complete(client, prompt, ignore_eos=False, **kw):
-    return client.completions.create(model=MODEL_NAME, prompt=prompt, extra_body={"ignore_eos": ignore_eos}, **kw)
+def complete(client, prompt, ignore_eos=False, extra_body=(), **kw):
+    extra_body = {"ignore_eos": ignore_eos, **dict(extra_body)}
+    return client.completions.create(model=MODEL_NAME, prompt=prompt, extra_body=extra_body, **kw)
 
 
 async def stream_text(server, prompt, **kw):
@@ -186,12 +187,16 @@ BAD_INPUTS = [
     ({"model": MODEL_NAME, "prompt": LONG}, 400, "tokens long; this model's maximum length is 256 tokens"),
     ({"model": MODEL_NAME, "prompt": [[1, 2], [999999]]}, 400, "prompt holds token ids outside [0,"),
     ({"model": MODEL_NAME, "prompt": ""}, 400, "prompt is empty"),
+    ({"model": MODEL_NAME, "prompt": "hi", "stop_token_ids": [2**40]}, 400, "stop_token_ids holds token ids outside"),
+    ({"model": MODEL_NAME, "prompt": "hi", "n": 1000}, 400, "n must be <= 128, got 1000"),
+    ({"model": MODEL_NAME, "prompt": "hi", "extra": 1}, 400, "unknown parameter 'extra'"),
 ]
 BAD_CHAT = [
     ({"model": MODEL_NAME, "messages": []}, 400, "messages is empty"),
     ({"model": MODEL_NAME, "messages": "hi"}, 400, "'messages': Input should be a valid array"),
     ({"model": MODEL_NAME, "messages": [{"role": "user", "content": LONG}]}, 400, "this model's maximum length is 256"),
     ({"model": MODEL_NAME, "messages": CHAT, "max_completion_tokens": 0}, 400, "max_tokens must be an integer >= 1"),
+    ({"model": MODEL_NAME, "messages": CHAT, "min_tokens": 2**40}, 400, "min_tokens (1099511627776) must be <="),
 ]
 
 
@@ -220,6 +225,7 @@ def test_api_key_and_client_errors(server):
     # still healthy and serving
     assert server.http.get("/health").status_code == 200
     assert complete(server.client(), "Hello", max_tokens=2, temperature=0).choices[0].text
+    assert complete(server.client(), "Hello", max_tokens=2, extra_body={"top_k": 2**40}).choices[0].text
     server.wait_idle()
 
 
