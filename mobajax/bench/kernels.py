@@ -180,7 +180,7 @@ def bench_prefill(rate: float, quick: bool) -> list[dict]:
             warnings.simplefilter("ignore", DeprecationWarning)
             from jax.experimental.pallas.ops.gpu.attention import mha
         # JAX's Pallas Triton flash attention has no GQA: K/V repeated to N heads (same FLOPs).
-        mha_fn = jax.jit(lambda q, k, v: mha(q, k, v, None, causal=True))
+        mha_fn = jax.jit(lambda q, k, v: mha(q, k, v, None, sm_scale=H**-0.5, causal=True))
         k_rep, v_rep = jnp.repeat(k, N // K, axis=2), jnp.repeat(v, N // K, axis=2)
         mha_err = rel_err(mha_fn(q[None], k_rep, v_rep)[0], reference)
         t_mha = timeit(mha_fn, q[None], k_rep, v_rep)
