@@ -3,10 +3,14 @@ PYTHON312 ?= $(shell PYENV_VERSION=3.12.1 pyenv which python 2>/dev/null || comm
 VENV := .venv
 PY := $(VENV)/bin/python
 PROMPT ?= What is the capital of France?
+SERVE_ARGS ?=
 
-.PHONY: run setup setup-test model test lint clean
+.PHONY: run chat setup setup-test model test lint clean
 
-run: setup  ## set up, then chat with the built-in default model (converted on first use)
+run: setup  ## set up, then serve the built-in model on http://127.0.0.1:8000 (OpenAI API)
+	$(PY) -m mobajax.serve $(SERVE_ARGS)
+
+chat: setup  ## one answer from the built-in model, no server
 	$(PY) -m mobajax.generate --model default --chat --prompt "$(PROMPT)"
 
 $(PY):
