@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from mobajax.serving.outputs import CompletionOutput, Logprob, RequestOutput
 from mobajax.serving.sampling_params import MAX_LOGPROBS, SamplingParams
 
 SEED_RANGE = (-(2**63), 2**63 - 1)
@@ -355,3 +356,57 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# Engine outputs -> response pieces ---------------------------------------------------------------
+
+
+def _token_text(tokenizer, token_id: int, entry: dict[int, Logprob]) -> str:
+    logprob = entry.get(token_id)
+    if logprob is not None and logprob.decoded_token is not None:
+        return logprob.decoded_token
+    return tokenizer.decode([token_id])
+
+
+def _top(tokenizer, entry: dict[int, Logprob], k: int) -> list[tuple[str, float]]:
+    ranked = sorted(entry.items(), key=lambda item: -item[1].logprob)[:k]
+    return [(_token_text(tokenizer, t, entry), lp.logprob) for t, lp in ranked]
+
+
+def completion_choice(tokenizer, index: int, c: CompletionOutput, top_k: int | None, text_len: int = 0,
+                      num_logprobs: int = 0) -> CompletionChoice:
+    """The choice for the text and logprobs of `c` past `text_len` characters / `num_logprobs` tokens."""
+    logprobs = None
+    if top_k is not None and c.logprobs is not None:
+        logprobs, offset = CompletionLogprobs(), text_len
+        for token_id, entry in zip(c.token_ids[num_logprobs:], c.logprobs[num_logprobs:]):
+            token = _token_text(tokenizer, token_id, entry)
+            logprobs.tokens.append(token)
+            logprobs.token_logprobs.append(entry[token_id].logprob if token_id in entry else None)
+            logprobs.top_logprobs.append(dict(_top(tokenizer, entry, top_k)))
+            logprobs.text_offset.append(offset)
+            offset += len(token)
+    return CompletionChoice(index=index, text=c.text[text_len:], logprobs=logprobs,
+                            finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+
+
+def chat_logprobs(tokenizer, c: CompletionOutput, top_k: int | None, start: int = 0) -> ChatLogprobs | None:
+    """Chat logprobs of the tokens of `c` from `start` on (None unless requested)."""
+    if top_k is None or c.logprobs is None:
+        return None
+    content = []
+    for token_id, entry in zip(c.token_ids[start:], c.logprobs[start:]):
+        token = _token_text(tokenizer, token_id, entry)
+        top = [TopLogprob(token=t, logprob=lp, bytes=list(t.encode())) for t, lp in _top(tokenizer, entry, top_k)]
+        logprob = entry[token_id].logprob if token_id in entry else float("-inf")
+        content.append(TokenLogprob(token=token, logprob=logprob, bytes=list(token.encode()), top_logprobs=top))
+    return ChatLogprobs(content=content)
+
+
+def usage_of(finals: dict[int, RequestOutput]) -> Usage:
+    """Token counts of the final outputs (prompt tokens once per prompt, whatever n is)."""
+    prompt = sum(len(out.prompt_token_ids) for out in finals.values())
+    completion = sum(len(c.token_ids) for out in finals.values() for c in out.outputs)
+    cached = sum(out.num_cached_tokens for out in finals.values())
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))

@@ -23,12 +23,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mobajax.serving.metrics import ServerMetrics
-from mobajax.serving.outputs import CompletionOutput, RequestOutput
+from mobajax.serving.outputs import RequestOutput
 from mobajax.serving.protocol import (
-    ApiError, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
-    ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionLogprobs, CompletionRequest,
-    CompletionResponse, DetokenizeRequest, ModelCard, ModelList, PromptTokensDetails, TokenizeRequest,
-    TokenLogprob, TopLogprob, Usage, error_body, parse_request,
+    ApiError, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
+    ChatStreamChoice, CompletionRequest, CompletionResponse, DetokenizeRequest, ModelCard, ModelList,
+    TokenizeRequest, chat_logprobs, completion_choice, error_body, parse_request, usage_of,
 )
 from mobajax.serving.sampling_params import SamplingParams
 
@@ -214,9 +213,9 @@ class _Server:
             events = self._completion_events(request_id, outputs, params, include_usage)
             return _EventStream(events)
         finals = await self._collect(request, outputs)
-        choices = [self._completion_choice(i * params.n + c.index, c, params, 0, 0)
+        choices = [completion_choice(self.tokenizer, i * params.n + c.index, c, params.logprobs)
                    for i, out in sorted(finals.items()) for c in out.outputs]
-        body = CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=_usage(finals))
+        body = CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage_of(finals))
         return _json(body)
 
     async def chat(self, request: Request, req: ChatCompletionRequest) -> Response:
@@ -231,9 +230,9 @@ class _Server:
             return _EventStream(self._chat_events(request_id, outputs, params, include_usage))
         out = (await self._collect(request, outputs))[0]
         choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
-                              logprobs=self._chat_logprobs(c, params, 0), finish_reason=c.finish_reason,
+                              logprobs=chat_logprobs(self.tokenizer, c, params.logprobs), finish_reason=c.finish_reason,
                               stop_reason=c.stop_reason) for c in out.outputs]
-        body = ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=_usage({0: out}))
+        body = ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage_of({0: out}))
         return _json(body)
 
     # Engine calls ----------------------------------------------------------------------------
@@ -312,7 +311,7 @@ class _Server:
                         text_len, num_logprobs, done = sent.get(index, (0, 0, False))
                         if done:
                             continue
-                        choice = self._completion_choice(index, c, params, text_len, num_logprobs)
+                        choice = completion_choice(self.tokenizer, index, c, params.logprobs, text_len, num_logprobs)
                         if choice.text or choice.finish_reason or (choice.logprobs and choice.logprobs.tokens):
                             choices.append(choice)
                         sent[index] = (max(text_len, len(c.text)), len(c.logprobs or []), c.finished)
@@ -321,7 +320,7 @@ class _Server:
                                                       choices=choices))
                 if include_usage:
                     yield _sse(CompletionResponse(id=request_id, created=created, model=self.model_name,
-                                                  choices=[], usage=_usage(finals)))
+                                                  choices=[], usage=usage_of(finals)))
             except Exception as err:  # the status line is sent: report it as an event, as vLLM does
                 yield _sse(_error_event(err))
         yield "data: [DONE]\n\n"
@@ -343,7 +342,7 @@ class _Server:
                         if done:
                             continue
                         delta = c.text[text_len:]
-                        logprobs = self._chat_logprobs(c, params, num_logprobs)
+                        logprobs = chat_logprobs(self.tokenizer, c, params.logprobs, num_logprobs)
                         if delta or c.finished or (logprobs and logprobs.content):
                             choices.append(ChatStreamChoice(
                                 index=c.index, delta={"content": delta} if delta else {}, logprobs=logprobs,
@@ -352,48 +351,10 @@ class _Server:
                     if choices:
                         yield chunk(choices)
                 if include_usage and final is not None:
-                    yield chunk([], _usage({0: final}))
+                    yield chunk([], usage_of({0: final}))
             except Exception as err:  # the status line is sent: report it as an event, as vLLM does
                 yield _sse(_error_event(err))
         yield "data: [DONE]\n\n"
-
-    # Response pieces -------------------------------------------------------------------------
-
-    def _token_text(self, token_id: int, entry) -> str:
-        logprob = entry.get(token_id)
-        if logprob is not None and logprob.decoded_token is not None:
-            return logprob.decoded_token
-        return self.tokenizer.decode([token_id])
-
-    def _top(self, entry, k: int) -> list[tuple[str, float]]:
-        ranked = sorted(entry.items(), key=lambda item: -item[1].logprob)[:k]
-        return [(self._token_text(t, entry), lp.logprob) for t, lp in ranked]
-
-    def _completion_choice(self, index: int, c: CompletionOutput, params: SamplingParams,
-                           text_len: int, num_logprobs: int) -> CompletionChoice:
-        logprobs = None
-        if params.logprobs is not None and c.logprobs is not None:
-            logprobs, offset = CompletionLogprobs(), text_len
-            for token_id, entry in zip(c.token_ids[num_logprobs:], c.logprobs[num_logprobs:]):
-                token = self._token_text(token_id, entry)
-                logprobs.tokens.append(token)
-                logprobs.token_logprobs.append(entry[token_id].logprob if token_id in entry else None)
-                logprobs.top_logprobs.append(dict(self._top(entry, params.logprobs)))
-                logprobs.text_offset.append(offset)
-                offset += len(token)
-        return CompletionChoice(index=index, text=c.text[text_len:], logprobs=logprobs,
-                                finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-
-    def _chat_logprobs(self, c: CompletionOutput, params: SamplingParams, start: int) -> ChatLogprobs | None:
-        if params.logprobs is None or c.logprobs is None:
-            return None
-        content = []
-        for token_id, entry in zip(c.token_ids[start:], c.logprobs[start:]):
-            token = self._token_text(token_id, entry)
-            top = [TopLogprob(token=t, logprob=lp, bytes=list(t.encode())) for t, lp in self._top(entry, params.logprobs)]
-            logprob = entry[token_id].logprob if token_id in entry else float("-inf")
-            content.append(TokenLogprob(token=token, logprob=logprob, bytes=list(token.encode()), top_logprobs=top))
-        return ChatLogprobs(content=content)
 
 
 class _EventStream(StreamingResponse):
@@ -453,11 +414,3 @@ def _json(body) -> Response:
 def _sse(payload) -> str:
     data = payload.model_dump_json() if hasattr(payload, "model_dump_json") else json.dumps(payload)
     return f"data: {data}\n\n"
-
-
-def _usage(finals: dict[int, RequestOutput]) -> Usage:
-    prompt = sum(len(out.prompt_token_ids) for out in finals.values())
-    completion = sum(len(c.token_ids) for out in finals.values() for c in out.outputs)
-    cached = sum(out.num_cached_tokens for out in finals.values())
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))

@@ -3,7 +3,6 @@ default model (float32, CPU), greedy outputs compared across batching, preemptio
 and disconnects; bad input gets a 4xx with a clear message while the server keeps serving."""
 
 import asyncio
-import time
 
 import httpx
 import openai
