@@ -47,6 +47,8 @@ MOSAIC_CONFIGS = (
     GroupedMatmulMosaicConfig(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=2),
     GroupedMatmulMosaicConfig(block_m=128, block_n=256, block_k=64, max_concurrent_steps=3, grid_block_n=1),
     GroupedMatmulMosaicConfig(block_m=128, block_n=128, block_k=64, max_concurrent_steps=5, grid_block_n=4),
+    GroupedMatmulMosaicConfig(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=2,
+                              skip_empty=False),
 )
 TRITON_CONFIGS = (GroupedMatmulConfig(), GroupedMatmulConfig(block_m=128, block_n=128, block_k=64, num_warps=8))
 
@@ -151,7 +153,7 @@ def bench_decode(layers: int, bandwidth: float, smoke: bool, on_gpu: bool) -> li
 
     rows = []
     context = 64 if smoke else 2048
-    impls = ("xla", "pallas", "mosaic") if on_gpu else ("xla",)
+    impls = ("xla", "pallas", "mosaic") if on_gpu else ("xla",)  # pallas = Triton kernel
     base = qwen3_30b_config(layers, "xla", smoke)
     module = Decoder(base, DTYPE)
     tokens = jnp.zeros((1, 1), jnp.int32)

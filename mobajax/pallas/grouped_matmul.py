@@ -64,6 +64,7 @@ class GroupedMatmulMosaicConfig:
     max_concurrent_steps: int = 4
     grid_block_n: int = 2
     num_sms: int = 132
+    skip_empty: bool = True  # items of no group (decode: most of them) skip their loads and wgmma
 
 
 def _check(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> None:
@@ -124,20 +125,23 @@ def grouped_matmul_kernel(
     group, lo, hi = group_ref[w], lo_ref[w], hi_ref[w]
     row0 = tile_ref[w] * block_m
 
-    @pl.when(hi > lo)
-    def _():
-        rhs_group = jnp.minimum(group, num_groups - 1)
+    rows = row0 + jnp.arange(block_m)
+    mine = (rows >= lo) & (rows < hi)
 
+    @pl.when((hi > lo) & (group < num_groups))
+    def _():
         def body(kk, acc):
             x = lhs_ref[pl.ds(row0, block_m), pl.ds(kk * block_k, block_k)]
-            y = rhs_ref[rhs_group, pl.ds(kk * block_k, block_k), :]
+            y = rhs_ref[group, pl.ds(kk * block_k, block_k), :]
             return acc + jnp.dot(x, y, preferred_element_type=jnp.float32)
 
-        steps = jnp.where(group < num_groups, k // block_k, 0)  # the tail stores zeros
-        acc = lax.fori_loop(0, steps, body, jnp.zeros((block_m, block_n), jnp.float32))
-        rows = row0 + jnp.arange(block_m)
-        mine = (rows >= lo) & (rows < hi)
+        acc = lax.fori_loop(0, k // block_k, body, jnp.zeros((block_m, block_n), jnp.float32))
         plgpu.store(o_ref.at[pl.ds(row0, block_m)], acc.astype(o_ref.dtype), mask=mine[:, None])
+
+    @pl.when((hi > lo) & (group == num_groups))  # the tail past the groups
+    def _():
+        zeros = jnp.zeros((block_m, block_n), o_ref.dtype)
+        plgpu.store(o_ref.at[pl.ds(row0, block_m)], zeros, mask=mine[:, None])
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
@@ -232,39 +236,45 @@ def grouped_matmul_mosaic(
             mi, ni = mgpu.planar_snake(loop.index[0], (grid_m, grid_n), 1, c.grid_block_n)
             group, tile, first, size = _mosaic_group_of_tile(group_sizes_ref, num_groups, c.block_m, mi)
 
-            def acc_scope(acc_ref):  # acc_ref [block_m, block_n] float32 (registers)
-                mgpu.emit_pipeline(
-                    lambda _, x_smem, y_smem: mgpu.wgmma(acc_ref, x_smem, y_smem),
-                    grid=(k // c.block_k,),
-                    in_specs=[
-                        mgpu.BlockSpec((c.block_m, c.block_k), lambda kk: (tile, kk), delay_release=1),
-                        mgpu.BlockSpec((c.block_k, c.block_n), lambda kk: (kk, ni), delay_release=1),
-                    ],
-                    max_concurrent_steps=c.max_concurrent_steps,
-                )(lhs_ref, rhs_ref.at[group])
-                return acc_ref[...]
+            def item():
+                def acc_scope(acc_ref):  # acc_ref [block_m, block_n] float32 (registers)
+                    mgpu.emit_pipeline(
+                        lambda _, x_smem, y_smem: mgpu.wgmma(acc_ref, x_smem, y_smem),
+                        grid=(k // c.block_k,),
+                        in_specs=[
+                            mgpu.BlockSpec((c.block_m, c.block_k), lambda kk: (tile, kk), delay_release=1),
+                            mgpu.BlockSpec((c.block_k, c.block_n), lambda kk: (kk, ni), delay_release=1),
+                        ],
+                        max_concurrent_steps=c.max_concurrent_steps,
+                    )(lhs_ref, rhs_ref.at[group])
+                    return acc_ref[...]
 
-            acc = pl.run_scoped(acc_scope, mgpu.ACC((c.block_m, c.block_n)))
+                acc = pl.run_scoped(acc_scope, mgpu.ACC((c.block_m, c.block_n)))
 
-            @functools.partial(pl.run_scoped, o_smem=mgpu.SMEM((c.block_m, c.block_n), dtype=o_ref.dtype))
-            def _(o_smem):  # o_smem [block_m, block_n]
-                o_smem[...] = acc.astype(o_smem.dtype)
-                mgpu.commit_smem()
-                offset = first - tile * c.block_m
-                rows = min(c.block_m, m)
-                while rows > 0:  # store `size` rows as a sum of static powers of two
-                    step = 1 << int(math.log2(rows))
-                    rows //= 2
+                @functools.partial(pl.run_scoped, o_smem=mgpu.SMEM((c.block_m, c.block_n), dtype=o_ref.dtype))
+                def _(o_smem):  # o_smem [block_m, block_n]
+                    o_smem[...] = acc.astype(o_smem.dtype)
+                    mgpu.commit_smem()
+                    offset = first - tile * c.block_m
+                    rows = min(c.block_m, m)
+                    while rows > 0:  # store `size` rows as a sum of static powers of two
+                        step = 1 << int(math.log2(rows))
+                        rows //= 2
 
-                    @pl.when(size & step != 0)
-                    def _():
-                        mgpu.copy_smem_to_gmem(
-                            o_smem.at[pl.ds(offset, step)],
-                            o_ref.at[pl.ds(tile * c.block_m + offset, step), pl.ds(ni * c.block_n, c.block_n)],
-                        )
+                        @pl.when(size & step != 0)
+                        def _():
+                            mgpu.copy_smem_to_gmem(
+                                o_smem.at[pl.ds(offset, step)],
+                                o_ref.at[pl.ds(tile * c.block_m + offset, step), pl.ds(ni * c.block_n, c.block_n)],
+                            )
 
-                    offset += size & step
-                mgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        offset += size & step
+                    mgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+            if c.skip_empty:
+                pl.when(size > 0)(item)
+            else:
+                item()
 
     kernel = mgpu.kernel(
         body,
