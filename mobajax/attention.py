@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from mobajax.moba import moba_attention_reference, moba_selected_chunks  # noqa: F401
-
+from mobajax.moba_masks import MobaSpec, dense_key_mask, paged_chunk_means, selected_chunk_mask
 from mobajax.pallas.kv_write import kv_write, kv_write_reference
 from mobajax.pallas.paged_prefill import paged_prefill
 
@@ -30,10 +30,14 @@ class AttentionSpec:
     impl: one of `IMPLEMENTATIONS`: "xla" (jax.numpy, any backend) or "pallas" (the Pallas
       Triton kernels of `mobajax.pallas` for the paged cache; GPU only, no sliding window).
     sliding_window: if set, a query at position p sees keys at positions (p - window, p].
+    moba: if set, MoBA block-sparse attention (see `mobajax.moba_masks.MobaSpec`): for steps that
+      compute several tokens of a sequence (prefill, chunked prefill), and for decode steps too
+      when `moba.decode`. The XLA paths implement it; the Pallas paged kernels do not.
     """
 
     impl: str = "xla"
     sliding_window: int | None = None
+    moba: MobaSpec | None = None
 
     def __post_init__(self):
         if self.impl not in IMPLEMENTATIONS:
@@ -42,6 +46,8 @@ class AttentionSpec:
             raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window}")
         if self.impl == "pallas" and self.sliding_window is not None:
             raise ValueError("the pallas attention kernels have no sliding window; use impl='xla'")
+        if self.impl == "pallas" and self.moba is not None:
+            raise ValueError("the pallas paged attention kernels have no MoBA mode; use impl='xla'")
 
 
 class KVCache(NamedTuple):
@@ -110,12 +116,14 @@ def dense_attention_reference(
     *,
     scale: float,
     sliding_window: int | None = None,
+    allowed: jax.Array | None = None,
 ) -> jax.Array:
     """Causal attention by absolute position, GQA-native, softmax in float32.
 
     q [B, T, N, H], k/v [B, S, K, H], q_positions [B, T], k_positions [B, S] (int32) ->
     [B, T, N, H] in q's dtype. Query i sees key j when 0 <= k_pos[j] <= q_pos[i] (and, with a
-    window, k_pos[j] > q_pos[i] - window). A query that sees no key (padding) returns zeros.
+    window, k_pos[j] > q_pos[i] - window; with `allowed` [B, T, N, S], only where it is True). A
+    query that sees no key (padding) returns zeros.
     """
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
@@ -126,6 +134,8 @@ def dense_attention_reference(
     visible = (kp >= 0) & (kp <= qp)
     if sliding_window is not None:
         visible &= kp > qp - sliding_window
+    if allowed is not None:
+        visible &= allowed.reshape(b, t, kv_heads, n // kv_heads, -1).transpose(0, 2, 3, 1, 4)
     logits = jnp.where(visible, logits, -jnp.inf)
     row_max = jnp.max(logits, axis=-1, keepdims=True)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
@@ -145,18 +155,31 @@ def paged_attention_xla(
     *,
     scale: float,
     sliding_window: int | None = None,
+    moba: MobaSpec | None = None,
 ) -> jax.Array:
     """Paged causal attention of a flat ragged batch in jax.numpy, memory-bounded.
 
     q [T, N, H], pools [P, G, K, H], q_positions [T] (-1 = padding) -> [T, N, H]. Loops over
     page columns with an online softmax (natural base), gathering one page per token per
-    iteration: memory O(T * G * K * H), no [T, S] score matrix.
+    iteration: memory O(T * G * K * H), no [T, S] score matrix. With `moba`, tokens of sequences
+    that compute several tokens in this step (all tokens with `moba.decode`) attend to their
+    MoBA-selected chunks only (block_size must be a multiple of G); their chunk means are read
+    from the pool in a first pass.
     """
     t, n, h = q.shape
     g, kv_heads = k_pages.shape[1], k_pages.shape[2]
     qg = q.reshape(t, kv_heads, n // kv_heads, h)
     pages_of_token = meta.page_table[meta.token_seq]  # [T, P_max]
     num_columns = (jnp.max(meta.kv_lens) + g - 1) // g
+    if moba is not None:
+        if moba.block_size % g:
+            raise ValueError(f"MoBA block_size {moba.block_size} must be a multiple of the page size {g}")
+        kv_len_of_token = meta.kv_lens[meta.token_seq]
+        kbar = paged_chunk_means(k_pages, pages_of_token, kv_len_of_token, moba.block_size)
+        selected = selected_chunk_mask(q, kbar, q_positions, moba)  # [T, N, C]
+        q_lens = meta.cu_q_lens[1:] - meta.cu_q_lens[:-1]
+        uses_moba = (q_lens[meta.token_seq] > 1) | moba.decode
+        selected = (selected | ~uses_moba[:, None, None]).reshape(t, kv_heads, n // kv_heads, -1)
 
     def body(j, state):
         m, denom, acc = state  # [T, K, Gq], [T, K, Gq], [T, K, Gq, H]
@@ -168,7 +191,10 @@ def paged_attention_xla(
         keys = k_pages[page]  # [T, G, K, H]
         values = jnp.where(visible[:, :, None, None], v_pages[page], 0)
         s = jnp.einsum("tkqh,tgkh->tkqg", qg, keys, preferred_element_type=jnp.float32) * scale
-        s = jnp.where(visible[:, None, None, :], s, -jnp.inf)
+        visible = visible[:, None, None, :]
+        if moba is not None:
+            visible &= selected[..., (j * g) // moba.block_size][..., None]
+        s = jnp.where(visible, s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         p = jnp.exp(s - m_safe[..., None])
@@ -198,7 +224,7 @@ def _attend_paged(q, k, v, positions, cache: PagedKVCache, spec: AttentionSpec, 
     else:
         k_pages, v_pages = kv_write_reference(cache.k_pages, cache.v_pages, k[0], v[0], meta.slots)
         out = paged_attention_xla(
-            q[0], k_pages, v_pages, meta, positions[0], scale=scale, sliding_window=spec.sliding_window
+            q[0], k_pages, v_pages, meta, positions[0], scale=scale, sliding_window=spec.sliding_window, moba=spec.moba
         )
     return out[None], PagedKVCache(k_pages, v_pages, meta)
 
@@ -229,7 +255,10 @@ def attend(
         keys, values = cache.k, cache.v
         slots = jnp.arange(keys.shape[1], dtype=jnp.int32)
         k_positions = jnp.broadcast_to(slots, (keys.shape[0], keys.shape[1]))
+    allowed = None
+    if spec.moba is not None and (q.shape[1] > 1 or spec.moba.decode):
+        allowed = dense_key_mask(q, keys, positions, k_positions, spec.moba)
     out = dense_attention_reference(
-        q, keys, values, positions, k_positions, scale=scale, sliding_window=spec.sliding_window
+        q, keys, values, positions, k_positions, scale=scale, sliding_window=spec.sliding_window, allowed=allowed
     )
     return out, cache
