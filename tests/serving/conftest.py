@@ -81,7 +81,7 @@ class LiveServer:
 def live_server(*flags: str, api_key: str | None = None):
     port = free_port()
     log = tempfile.NamedTemporaryFile("w", prefix="mobajax-serve-", suffix=".log", delete=False)
-    args = [sys.executable, "-m", "mobajax.serve", "--port", str(port), "--log-level", "warning", "--no-warmup", *flags]
+    args = [sys.executable, "-m", "mobajax.serve", "--port", str(port), "--log-level", "warning", *flags]
     if api_key:
         args += ["--api-key", api_key]
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -111,7 +111,8 @@ def live_server(*flags: str, api_key: str | None = None):
 
 
 # A roomy pool: 64 concurrent requests fit; prefix caching on (the default); an API key.
-MAIN_FLAGS = ("--served-model-name", MODEL_NAME, "--max-model-len", "256", "--num-pages", "256",
+MAX_LEN = 1024
+MAIN_FLAGS = ("--served-model-name", MODEL_NAME, "--max-model-len", str(MAX_LEN), "--num-pages", "256",
               "--max-num-seqs", "64", "--max-num-batched-tokens", "512")
 # A tiny pool (8 pages of 16 tokens: one full-length request) and no prefix caching.
 TINY_FLAGS = ("--served-model-name", MODEL_NAME, "--max-model-len", "128", "--num-pages", "8", "--page-size", "16", "--max-num-seqs", "8",

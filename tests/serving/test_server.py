@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from mobajax.serve import main, parse_args
-from tests.serving.conftest import MODEL_NAME
+from tests.serving.conftest import MAX_LEN, MODEL_NAME
 
 pytestmark = pytest.mark.slow
 
@@ -36,10 +36,10 @@ async def stream_text(server, prompt, **kw):
 def test_models_health_tokenize(server):
     models = server.client().models.list()
     assert [m.id for m in models.data] == [MODEL_NAME]
-    assert models.data[0].model_extra["max_model_len"] == 256
+    assert models.data[0].model_extra["max_model_len"] == MAX_LEN
     assert httpx.get(f"{server.url}/health").status_code == 200  # open without the key
     tokens = server.http.post("/tokenize", json={"prompt": "Hello world"}).json()
-    assert tokens["count"] == len(tokens["tokens"]) > 0 and tokens["max_model_len"] == 256
+    assert tokens["count"] == len(tokens["tokens"]) > 0 and tokens["max_model_len"] == MAX_LEN
     assert server.http.post("/detokenize", json={"tokens": tokens["tokens"]}).json() == {"prompt": "Hello world"}
 
 
@@ -173,17 +173,17 @@ def test_metrics(server):
     assert after["mobajax:kv_cache_total_pages"] == 256
 
 
-LONG = "hello " * 300
+LONG = "hello " * (MAX_LEN + 50)
 BAD_INPUTS = [
     (b"{not json", 400, "malformed JSON"),
     ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": "ten"}, 400, "'max_tokens': Input should be a valid integer"),
     ({"model": MODEL_NAME, "prompt": 42}, 400, "prompt must be a string"),
     ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": -5}, 400, "max_tokens must be an integer >= 1 or None, got -5"),
-    ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": 10**9}, 400, "this model's maximum length is 256 tokens"),
+    ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": 10**9}, 400, f"this model's maximum length is {MAX_LEN} tokens"),
     ({"model": MODEL_NAME, "prompt": "hi", "temperature": -1}, 400, "temperature must be >= 0"),
     ({"model": MODEL_NAME, "prompt": "hi", "top_p": 1.5}, 400, "top_p must be in (0, 1], got 1.5"),
     ({"model": "gpt-17", "prompt": "hi"}, 404, "the model 'gpt-17' does not exist; this server serves 'smol'"),
-    ({"model": MODEL_NAME, "prompt": LONG}, 400, "tokens long; this model's maximum length is 256 tokens"),
+    ({"model": MODEL_NAME, "prompt": LONG}, 400, f"tokens long; this model's maximum length is {MAX_LEN} tokens"),
     ({"model": MODEL_NAME, "prompt": [[1, 2], [999999]]}, 400, "prompt holds token ids outside [0,"),
     ({"model": MODEL_NAME, "prompt": ""}, 400, "prompt is empty"),
     ({"model": MODEL_NAME, "prompt": "hi", "stop_token_ids": [2**40]}, 400, "stop_token_ids holds token ids outside"),
@@ -193,7 +193,7 @@ BAD_INPUTS = [
 BAD_CHAT = [
     ({"model": MODEL_NAME, "messages": []}, 400, "messages is empty"),
     ({"model": MODEL_NAME, "messages": "hi"}, 400, "'messages': Input should be a valid array"),
-    ({"model": MODEL_NAME, "messages": [{"role": "user", "content": LONG}]}, 400, "this model's maximum length is 256"),
+    ({"model": MODEL_NAME, "messages": [{"role": "user", "content": LONG}]}, 400, f"this model's maximum length is {MAX_LEN}"),
     ({"model": MODEL_NAME, "messages": CHAT, "max_completion_tokens": 0}, 400, "max_tokens must be an integer >= 1"),
     ({"model": MODEL_NAME, "messages": CHAT, "min_tokens": 2**40}, 400, "min_tokens (1099511627776) must be <="),
 ]
@@ -281,6 +281,9 @@ def test_tiny_pool_preempts_and_completes(tiny_server):
     assert after["vllm:num_preemptions_total"] > before["vllm:num_preemptions_total"]
 
 
+LONGEST = MAX_LEN - 16  # tokens a request would generate if the disconnect did not abort it
+
+
 def _disconnect_check(server, before, max_tokens):
     after = server.wait_idle(timeout=20)
     key = "vllm:request_success_total{finished_reason=abort}"
@@ -290,7 +293,7 @@ def _disconnect_check(server, before, max_tokens):
 
 def test_client_disconnect_mid_stream_frees_pages(server):
     before = server.wait_idle()
-    body = {"prompt": "Tell me a very long story.", "max_tokens": 200, "ignore_eos": True, "temperature": 0,
+    body = {"prompt": "Tell me a very long story.", "max_tokens": LONGEST, "ignore_eos": True, "temperature": 0,
             "stream": True}
     with server.http.stream("POST", "/v1/completions", json=body) as response:
         events = 0
@@ -298,15 +301,15 @@ def test_client_disconnect_mid_stream_frees_pages(server):
             events += line.startswith("data: ")
             if events == 2:
                 break  # leaving the block closes the connection mid-stream
-    _disconnect_check(server, before, 200)
+    _disconnect_check(server, before, LONGEST)
 
 
 def test_client_disconnect_before_a_full_response_frees_pages(server):
     before = server.wait_idle()
-    body = {"prompt": "Tell me another long story.", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
+    body = {"prompt": "Tell me another long story.", "max_tokens": LONGEST, "ignore_eos": True, "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
-        server.http.post("/v1/completions", json=body, timeout=1.0)
-    _disconnect_check(server, before, 200)
+        server.http.post("/v1/completions", json=body, timeout=0.5)
+    _disconnect_check(server, before, LONGEST)
 
 
 @pytest.mark.parametrize("flags, message", [
