@@ -228,6 +228,23 @@ def test_api_key_and_client_errors(server):
     server.wait_idle()
 
 
+def test_bad_requests_do_not_disturb_a_running_stream(server):
+    kw = dict(max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    alone = asyncio.run(stream_text(server, "The history of Rome", **kw))
+
+    async def mixed():
+        headers = {"Authorization": f"Bearer {server.api_key}"}
+        async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=60) as http:
+            bad = [http.post("/v1/completions", **({"content": b} if isinstance(b, bytes) else {"json": b}))
+                   for b, _status, _message in BAD_INPUTS * 2]
+            return await asyncio.gather(stream_text(server, "The history of Rome", **kw), *bad)
+
+    good, *bad = asyncio.run(mixed())
+    assert good == alone
+    assert [r.status_code for r in bad] == [status for _b, status, _m in BAD_INPUTS * 2]
+    server.wait_idle()
+
+
 def test_64_concurrent_streams_equal_sequential(server):
     prompts = [f"Question {i}: what is {i} plus {i % 7}? Answer:" for i in range(64)]
     client = server.client()
