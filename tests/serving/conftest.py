@@ -119,6 +119,12 @@ TINY_FLAGS = ("--served-model-name", MODEL_NAME, "--max-model-len", "128", "--nu
               "--max-num-batched-tokens", "128", "--no-enable-prefix-caching")
 
 
+def pytest_collection_modifyitems(items):
+    for item in items:  # tests on a live server are slow (a server starts in tens of seconds)
+        if {"server", "tiny_server"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="module")
 def server():
     with live_server(*MAIN_FLAGS, api_key=API_KEY) as s:

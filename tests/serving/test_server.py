@@ -11,8 +11,6 @@ import pytest
 from mobajax.serve import main, parse_args
 from tests.serving.conftest import MAX_LEN, MODEL_NAME
 
-pytestmark = pytest.mark.slow
-
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
