@@ -219,7 +219,9 @@ def _attend_paged(q, k, v, positions, cache: PagedKVCache, spec: AttentionSpec, 
     """Flat batch: q [1, T, N, H], k/v [1, T, K, H], positions [1, T]."""
     meta = cache.meta
     if spec.impl == "pallas":
-        k_pages, v_pages = kv_write(cache.k_pages, cache.v_pages, k[0], v[0], meta.slots)
+        row = k.shape[2] * k.shape[3]
+        write = kv_write if row & (row - 1) == 0 else kv_write_reference  # the kernel needs K * H = 2^n
+        k_pages, v_pages = write(cache.k_pages, cache.v_pages, k[0], v[0], meta.slots)
         out = paged_prefill(q[0], k_pages, v_pages, meta.page_table, meta.cu_q_lens, meta.kv_lens, scale=scale)
     else:
         k_pages, v_pages = kv_write_reference(cache.k_pages, cache.v_pages, k[0], v[0], meta.slots)

@@ -122,6 +122,8 @@ def main(argv: list[str]) -> int:
         print(json.dumps(hf_generate_tokens_per_second(hf_config, args.decode_batch, args.decode_prompt, args.decode_output, args.dtype)))
         return 0
     baseline = run_hf_baseline(args, hf_config) if args.hf else None
+    if baseline:
+        print(f"transformers baseline: {baseline['output_tok_s']:.0f} output tok/s", flush=True)
     return _run(args, hf_config, baseline)
 
 
@@ -145,10 +147,12 @@ def _run(args, hf_config: dict, baseline: dict | None) -> int:
     start = time.perf_counter()
     engine.warmup()
     compile_s = time.perf_counter() - start
+    print(f"warm-up compiled {sum(map(len, engine.buckets()))} buckets in {compile_s:.1f} s", flush=True)
     vocab = pretrained.config.vocab_size
     lengths = rng.integers(args.min_len, args.max_len + 1, size=(2, args.num_prompts))
     prompts = [rng.integers(0, vocab, n).tolist() for n in lengths[0]]
     throughput = run_requests(engine, prompts, lengths[1].tolist())
+    print(f"throughput workload: {throughput['output_tok_s']:.0f} output tok/s", flush=True)
 
     bandwidth = copy_bandwidth()
     b, p, n = args.decode_batch, args.decode_prompt, args.decode_output
