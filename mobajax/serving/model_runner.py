@@ -39,16 +39,11 @@ class Flags(NamedTuple):
 
 
 def _copy_pages(pools: Pools, src: jax.Array, dst: jax.Array) -> Pools:
-    """Copy-on-write: page src[i] -> dst[i] in every layer (dst < 0: no copy)."""
-
-    def copy(pools):
-        num_pages = pools[0][0].shape[0]
-        target = jnp.where(dst < 0, num_pages, dst)
-        return tuple(
-            (k.at[target].set(k[src], mode="drop"), v.at[target].set(v[src], mode="drop")) for k, v in pools
-        )
-
-    return jax.lax.cond(jnp.any(dst >= 0), copy, lambda p: p, pools)
+    """Copy-on-write: page src[i] -> dst[i] in every layer (dst < 0: no copy). An in-place
+    scatter of a few pages into the donated pool (no conditional: that would copy the pool)."""
+    num_pages = pools[0][0].shape[0]
+    target = jnp.where(dst < 0, num_pages, dst)
+    return tuple((k.at[target].set(k[src], mode="drop"), v.at[target].set(v[src], mode="drop")) for k, v in pools)
 
 
 def _forward(module, params, pools: Pools, tokens, positions, meta: PagedMetadata, logits_index):
