@@ -41,7 +41,8 @@ def sampling_arrays(seqs: list[Sequence], rows: int, stop_ids: list[list[int]], 
     prompt_mask = np.zeros((rows, vocab), bool) if flags.use_penalties else None
     for i, (seq, ids) in enumerate(zip(seqs, stop_ids)):
         p = seq.params
-        a["temperature"][i], a["top_k"][i], a["top_p"][i], a["min_p"][i] = p.temperature, p.top_k, p.top_p, p.min_p
+        top_k = p.top_k if p.top_k < vocab else 0  # a top-k over the whole vocabulary is no filter
+        a["temperature"][i], a["top_k"][i], a["top_p"][i], a["min_p"][i] = p.temperature, top_k, p.top_p, p.min_p
         a["presence"][i], a["frequency"][i] = p.presence_penalty, p.frequency_penalty
         a["repetition"][i] = p.repetition_penalty
         a["seeds"][i] = (seq.request.seed * 1_000_003 + seq.index) % (1 << 32)

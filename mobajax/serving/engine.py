@@ -83,12 +83,8 @@ class LLMEngine:
         return max(2, int(free // page_bytes))
 
     # -- requests ------------------------------------------------------------------------
-    def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
-    ) -> None:
-        """Queue a request; ValueError (naming the problem) if it cannot be served."""
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """ValueError naming the problem if the request cannot be served (reads no engine state)."""
         n_prompt = len(prompt_token_ids)
         if n_prompt == 0:
             raise ValueError("the prompt is empty: it must hold at least one token")
@@ -103,8 +99,21 @@ class LLMEngine:
                 f"{wanted} tokens ({n_prompt} in the prompt, {wanted - n_prompt} for the completion). "
                 "Please reduce the prompt or max_tokens."
             )
+        if params.min_tokens > room:
+            raise ValueError(f"min_tokens ({params.min_tokens}) exceeds the {room} tokens left after the prompt")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must lie in [0, {vocab})")
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n ({params.n}) exceeds max_num_seqs ({self.config.max_num_seqs})")
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
+    ) -> None:
+        """Queue a request; ValueError (naming the problem) if it cannot be served."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.validate_request(prompt_token_ids, params)
+        n_prompt = len(prompt_token_ids)
         seed = params.seed if params.seed is not None else int(self._rng.integers(1 << 31))
         request = Request(request_id, prompt, list(prompt_token_ids), params, seed, RequestMetrics(time.monotonic()))
         request.seqs = [

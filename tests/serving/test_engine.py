@@ -154,6 +154,14 @@ def test_logprobs_are_raw_model_logprobs(model, token_prompts):
     np.testing.assert_allclose([first[int(i)].logprob for i in best], logp[best], atol=1e-4)
 
 
+def test_top_k_beyond_the_vocabulary_is_no_filter(model, token_prompts):
+    eng = engine(model)
+    huge = SamplingParams(temperature=1.0, top_k=1 << 40, seed=5, max_tokens=6, ignore_eos=True)
+    off = SamplingParams(temperature=1.0, top_k=0, seed=5, max_tokens=6, ignore_eos=True)
+    done = run(eng, token_prompts[:2], [huge, off])
+    assert done["0"].outputs[0].token_ids == run(engine(model), token_prompts[:1], [off])["0"].outputs[0].token_ids
+
+
 def test_abort_frees_pages(model, token_prompts):
     eng = engine(model)
     eng.add_request("a", token_prompts[2], SamplingParams(temperature=0, max_tokens=50))
@@ -174,6 +182,10 @@ def test_bad_requests_are_refused_with_clear_messages(model, token_prompts):
         eng.add_request("z", token_prompts[1], SamplingParams(n=9))
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 49152\)"):
         eng.add_request("w", [VOCAB], SamplingParams())
+    with pytest.raises(ValueError, match=r"min_tokens \(60\) exceeds the \d+ tokens left"):
+        eng.add_request("m", token_prompts[1], SamplingParams(min_tokens=70, max_tokens=None))
+    with pytest.raises(ValueError, match=r"stop_token_ids must lie in \[0, 49152\)"):
+        eng.add_request("s", token_prompts[1], SamplingParams(stop_token_ids=[1 << 40]))
     with pytest.raises(ValueError, match="cannot hold one request"):
         engine(model, num_pages=2, max_model_len=64)
     assert not eng.has_unfinished_requests()
