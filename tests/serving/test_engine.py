@@ -182,7 +182,7 @@ def test_bad_requests_are_refused_with_clear_messages(model, token_prompts):
         eng.add_request("z", token_prompts[1], SamplingParams(n=9))
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 49152\)"):
         eng.add_request("w", [VOCAB], SamplingParams())
-    with pytest.raises(ValueError, match=r"min_tokens \(60\) exceeds the \d+ tokens left"):
+    with pytest.raises(ValueError, match=r"min_tokens \(70\) exceeds the \d+ tokens left"):
         eng.add_request("m", token_prompts[1], SamplingParams(min_tokens=70, max_tokens=None))
     with pytest.raises(ValueError, match=r"stop_token_ids must lie in \[0, 49152\)"):
         eng.add_request("s", token_prompts[1], SamplingParams(stop_token_ids=[1 << 40]))
