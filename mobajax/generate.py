@@ -21,6 +21,7 @@ import numpy as np
 from mobajax.attention import KVCache, init_kv_cache
 from mobajax.models import Pretrained, load_pretrained
 from mobajax.models.convert import DTYPES
+from mobajax.models.moba_args import add_moba_arguments, moba_from_args
 
 
 def _bucket(n: int) -> int:
@@ -128,7 +129,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), > 0 samples")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="params dtype")
+    add_moba_arguments(parser)
     args = parser.parse_args(argv)
+    args.moba = moba_from_args(parser, args)
     if args.max_tokens < 1:
         parser.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.temperature < 0:
@@ -139,7 +142,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        pretrained = load_pretrained(args.model, dtype=args.dtype)
+        pretrained = load_pretrained(args.model, dtype=args.dtype, moba=args.moba)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mobajax.models.moba_args import add_moba_arguments, moba_from_args
 from mobajax.serving.config import EngineConfig
 
 
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip compiling the step buckets at start (they compile on first use)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn log level")
+    add_moba_arguments(p)
     return p
 
 
@@ -67,6 +69,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, EngineConfig]:
         parser.error("--api-key must not be empty")
     if args.served_model_name is not None and not args.served_model_name.strip():
         parser.error("--served-model-name must not be empty")
+    args.moba = moba_from_args(parser, args)
+    if args.moba is not None and args.moba.block_size % args.page_size:
+        parser.error(f"--moba-block-size ({args.moba_block_size}) must be a multiple of --page-size ({args.page_size})")
     try:
         config = EngineConfig(
             dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     from mobajax.serving.server import build_app
 
     try:
-        engine = AsyncEngine.from_pretrained(args.model, engine_config=config)
+        engine = AsyncEngine.from_pretrained(args.model, engine_config=config, moba=args.moba)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

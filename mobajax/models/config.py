@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any
 
 from mobajax.attention import AttentionSpec
+from mobajax.moba_masks import MobaSpec
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -72,6 +73,26 @@ class MoEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MobaConfig:
+    """attention = "moba": MoBA block-sparse attention (semantics: the project's MoBA spec).
+
+    block_size: keys per chunk; top_k: chunks per query, its own included. full_attention_layers:
+    layers that keep full attention (hybrid; the MoBA paper's Llama-8B-1M keeps the last 3).
+    decode: MoBA for decode steps too; by default only steps computing several tokens of a
+    sequence (prefill, chunked prefill) use MoBA and decode attends fully, as the paper evaluates.
+    """
+
+    block_size: int = 512
+    top_k: int = 3
+    full_attention_layers: tuple[int, ...] = (-3, -2, -1)
+    decode: bool = False
+
+    def __post_init__(self):
+        if self.block_size < 1 or self.top_k < 1:
+            raise ValueError(f"MoBA block_size and top_k must be >= 1, got {self.block_size} and {self.top_k}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Decoder config of the Llama family (Llama, Mistral, Qwen2, Qwen3, and the MoE variants
     Mixtral, Qwen2-MoE, Qwen3-MoE).
@@ -79,6 +100,7 @@ class ModelConfig:
     layer_windows: per layer, the sliding window (None = full attention).
     eos_token_ids: every id that ends generation.
     moe: the mixture-of-experts settings (None = dense model: every layer has a GatedMLP).
+    moba: MoBA block-sparse attention settings (None = full attention everywhere); see `with_moba`.
     """
 
     architecture: str
@@ -103,15 +125,35 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     moe: MoEConfig | None = None
+    moba: MobaConfig | None = None
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether layer `layer` has a sparse MoE block (else a dense GatedMLP)."""
         return self.moe is not None and self.moe.layers[layer]
 
     def attention_spec(self, layer: int) -> AttentionSpec:
-        """The attention spec of layer `layer` (its sliding window, the chosen impl)."""
+        """The attention spec of layer `layer` (its sliding window, the chosen impl, MoBA or not).
+
+        MoBA layers use the XLA path: the Pallas paged kernels have no MoBA mode yet."""
         window = self.layer_windows[layer] if self.layer_windows else None
-        return AttentionSpec(impl=self.attention_impl, sliding_window=window)
+        if self.moba is None or layer in self.moba.full_attention_layers:
+            return AttentionSpec(impl=self.attention_impl, sliding_window=window)
+        spec = MobaSpec(self.moba.block_size, self.moba.top_k, self.moba.decode)
+        return AttentionSpec(impl="xla", sliding_window=window, moba=spec)
+
+    def with_moba(self, moba: "MobaConfig | None") -> "ModelConfig":
+        """This config with MoBA attention (None: full attention); full_attention_layers may count
+        from the end (-1 = last layer) and are stored as non-negative indices."""
+        if moba is None:
+            return dataclasses.replace(self, moba=None)
+        bad = [i for i in moba.full_attention_layers if not -self.num_layers <= i < self.num_layers]
+        if bad:
+            raise ValueError(
+                f"MoBA full-attention layers {bad} are out of range for a model of {self.num_layers} layers "
+                f"(allowed: {-self.num_layers} .. {self.num_layers - 1})"
+            )
+        layers = tuple(sorted({i % self.num_layers for i in moba.full_attention_layers}))
+        return dataclasses.replace(self, moba=dataclasses.replace(moba, full_attention_layers=layers))
 
 
 def _require(hf: dict[str, Any], key: str) -> Any:

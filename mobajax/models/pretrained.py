@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mobajax.models import checkpoint
-from mobajax.models.config import ModelConfig
+from mobajax.models.config import MobaConfig, ModelConfig
 from mobajax.models.convert import (
     check_names_and_shapes,
     convert_tensors,
@@ -111,9 +111,16 @@ def _dummy_inputs() -> tuple[jax.Array, jax.Array]:
     return jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32)
 
 
-def load_pretrained(path: str, *, dtype: str = "float32") -> Pretrained:
-    """Load a model from an HF directory, a `.gguf` file, a converted directory or "default"."""
+def load_pretrained(path: str, *, dtype: str = "float32", moba: MobaConfig | None = None) -> Pretrained:
+    """Load a model from an HF directory, a `.gguf` file, a converted directory or "default".
+
+    moba: attend with MoBA block-sparse attention (see `MobaConfig`); None = full attention.
+    """
     resolve_dtype(dtype)
+    return with_moba(_load(path, dtype), moba)
+
+
+def _load(path: str, dtype: str) -> Pretrained:
     if path == DEFAULT:
         return _load_default(dtype)
     if os.path.isfile(path):
@@ -127,6 +134,12 @@ def load_pretrained(path: str, *, dtype: str = "float32") -> Pretrained:
     if checkpoint.is_converted(path):
         return _load_converted(path, dtype)
     return _load_hf(path, dtype)
+
+
+def with_moba(pretrained: Pretrained, moba: MobaConfig | None) -> Pretrained:
+    """The same model attending with MoBA (`moba`) or full attention (None); params are shared."""
+    config = pretrained.config.with_moba(moba)
+    return dataclasses.replace(pretrained, config=config, module=pretrained.module.clone(config=config))
 
 
 def save_pretrained(pretrained: Pretrained, path: str) -> None:

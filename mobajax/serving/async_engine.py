@@ -16,6 +16,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 
+from mobajax.models.config import MobaConfig
 from mobajax.serving.config import EngineConfig
 from mobajax.serving.engine import LLMEngine
 from mobajax.serving.outputs import EngineStats, RequestOutput
@@ -43,9 +44,13 @@ class AsyncEngine:
 
     @classmethod
     def from_pretrained(
-        cls, model: str = "default", engine_config: EngineConfig = EngineConfig(), served_model_name: str | None = None
+        cls,
+        model: str = "default",
+        engine_config: EngineConfig = EngineConfig(),
+        served_model_name: str | None = None,
+        moba: MobaConfig | None = None,
     ) -> "AsyncEngine":
-        engine = LLMEngine.from_pretrained(model, engine_config)
+        engine = LLMEngine.from_pretrained(model, engine_config, moba=moba)
         if engine_config.warmup:
             engine.warmup()
         return cls(engine, served_model_name or model)

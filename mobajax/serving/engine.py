@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mobajax.attention import PagedMetadata
-from mobajax.models import Pretrained, load_pretrained
+from mobajax.models import MobaConfig, Pretrained, load_pretrained
 from mobajax.models.convert import resolve_dtype
 from mobajax.serving import batch
 from mobajax.serving.block_manager import BlockManager
@@ -39,6 +39,10 @@ class LLMEngine:
         if config.max_model_len is not None and config.max_model_len > mc.max_position_embeddings:
             raise ValueError(
                 f"max_model_len {config.max_model_len} exceeds the model's maximum length {mc.max_position_embeddings}"
+            )
+        if mc.moba is not None and mc.moba.block_size % config.page_size:
+            raise ValueError(
+                f"MoBA block_size {mc.moba.block_size} must be a multiple of the page size {config.page_size}"
             )
         self.config = config
         self.tokenizer = pretrained.tokenizer
@@ -70,8 +74,11 @@ class LLMEngine:
         self.device_seconds = 0.0  # wall time spent waiting for jitted steps (the rest is host work)
 
     @classmethod
-    def from_pretrained(cls, model: str = "default", config: EngineConfig = EngineConfig()) -> "LLMEngine":
-        return cls(load_pretrained(model, dtype=config.dtype), config)
+    def from_pretrained(
+        cls, model: str = "default", config: EngineConfig = EngineConfig(), moba: MobaConfig | None = None
+    ) -> "LLMEngine":
+        """Load `model` (optionally with MoBA attention) and build an engine for it."""
+        return cls(load_pretrained(model, dtype=config.dtype, moba=moba), config)
 
     def _auto_num_pages(self, mc, dtype) -> int:
         page_bytes = ModelRunner.page_bytes(mc, self.config.page_size, dtype)

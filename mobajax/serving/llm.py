@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
+from mobajax.models.config import MobaConfig
 from mobajax.serving.config import EngineConfig
 from mobajax.serving.engine import LLMEngine
 from mobajax.serving.outputs import RequestOutput
@@ -27,13 +28,14 @@ def engine_config(**engine_args) -> EngineConfig:
 class LLM:
     """Offline batched generation with continuous batching (vLLM's `LLM`).
 
-    model: an HF checkpoint directory, a .gguf file or "default"; engine_args: EngineConfig fields
+    model: an HF checkpoint directory, a .gguf file or "default"; moba: MoBA attention settings
+    (`mobajax.models.MobaConfig`; None = full attention); engine_args: EngineConfig fields
     (dtype, page_size, num_pages, max_num_seqs, max_num_batched_tokens, max_model_len, ...).
     """
 
-    def __init__(self, model: str = "default", **engine_args):
+    def __init__(self, model: str = "default", *, moba: MobaConfig | None = None, **engine_args):
         config = engine_config(**engine_args)
-        self.engine = LLMEngine.from_pretrained(model, config)
+        self.engine = LLMEngine.from_pretrained(model, config, moba=moba)
         if config.warmup:
             self.engine.warmup()
         self.tokenizer = self.engine.tokenizer
