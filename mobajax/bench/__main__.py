@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-SUITES = ("kernels", "moba", "serve", "throughput", "moe")
+SUITES = ("kernels", "moba", "serve", "throughput", "moe", "perplexity")
 
 
 def main(argv: list[str]) -> int:
