@@ -4,7 +4,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mobajax.attention import AttentionSpec, KVCache, PagedKVCache, attend, dense_attention_reference
+from mobajax.attention import (
+    AttentionSpec,
+    KVCache,
+    PagedKVCache,
+    attend,
+    dense_attention_reference,
+)
 from mobajax.moba import moba_attention_reference, moba_selected_chunks
 from mobajax.moba_masks import MobaSpec, contiguous_chunk_means, selected_chunk_mask
 from tests.test_attention import build_paged_batch

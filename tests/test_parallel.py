@@ -11,11 +11,10 @@ import os
 import subprocess
 import sys
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from jax.sharding import PartitionSpec as P
 
 from mobajax.models.config import ModelConfig, MoEConfig, RopeConfig

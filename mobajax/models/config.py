@@ -141,7 +141,7 @@ class ModelConfig:
         spec = MobaSpec(self.moba.block_size, self.moba.top_k, self.moba.decode)
         return AttentionSpec(impl="xla", sliding_window=window, moba=spec)
 
-    def with_moba(self, moba: "MobaConfig | None") -> "ModelConfig":
+    def with_moba(self, moba: MobaConfig | None) -> ModelConfig:
         """This config with MoBA attention (None: full attention); full_attention_layers may count
         from the end (-1 = last layer) and are stored as non-negative indices."""
         if moba is None:

@@ -15,7 +15,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
 from jax.sharding import Mesh
 
 from mobajax.attention import KVCache, PagedKVCache

@@ -22,7 +22,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from mobajax.models.config import MoEConfig
 from mobajax.models.layers import GatedMLP, dense

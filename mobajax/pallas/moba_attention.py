@@ -33,7 +33,6 @@ from jax.experimental.pallas import triton as plgpu
 from mobajax import moba as moba_ref
 from mobajax.pallas.moba_gate import (
     MAX_CHUNKS,
-    MobaLayout,
     chunk_means_pallas,
     gather_rows,
     moba_layout,

@@ -49,7 +49,7 @@ class AsyncEngine:
         engine_config: EngineConfig = EngineConfig(),
         served_model_name: str | None = None,
         moba: MobaConfig | None = None,
-    ) -> "AsyncEngine":
+    ) -> AsyncEngine:
         engine = LLMEngine.from_pretrained(model, engine_config, moba=moba)
         if engine_config.warmup:
             engine.warmup()

@@ -76,7 +76,7 @@ class LLMEngine:
     @classmethod
     def from_pretrained(
         cls, model: str = "default", config: EngineConfig = EngineConfig(), moba: MobaConfig | None = None
-    ) -> "LLMEngine":
+    ) -> LLMEngine:
         """Load `model` (optionally with MoBA attention) and build an engine for it."""
         return cls(load_pretrained(model, dtype=config.dtype, moba=moba), config)
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mobajax.attention import PagedKVCache, PagedMetadata
-from mobajax.serving.sampler import SamplingArrays, Sampled, sample, stops
+from mobajax.serving.sampler import Sampled, SamplingArrays, sample, stops
 
 Pools = tuple[tuple[jax.Array, jax.Array], ...]
 

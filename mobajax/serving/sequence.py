@@ -53,7 +53,7 @@ class IncrementalDetokenizer:
 class Sequence:
     """One completion of a request: tokens, cache state, output text and logprobs."""
 
-    request: "Request"
+    request: Request
     index: int
     token_ids: list[int]
     num_prompt: int

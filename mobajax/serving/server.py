@@ -25,9 +25,24 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mobajax.serving.metrics import ServerMetrics
 from mobajax.serving.outputs import RequestOutput
 from mobajax.serving.protocol import (
-    ApiError, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
-    ChatStreamChoice, CompletionRequest, CompletionResponse, DetokenizeRequest, ModelCard, ModelList,
-    TokenizeRequest, chat_logprobs, completion_choice, error_body, parse_request, usage_of,
+    ApiError,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    chat_logprobs,
+    completion_choice,
+    error_body,
+    parse_request,
+    usage_of,
 )
 from mobajax.serving.sampling_params import SamplingParams
 

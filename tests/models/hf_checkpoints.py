@@ -56,7 +56,7 @@ def make_checkpoint(path, variant: str, *, tied: bool, seed: int = 0, max_shard_
     return model
 
 
-def torch_logits(model, tokens) -> "torch.Tensor":
+def torch_logits(model, tokens) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.as_tensor(tokens)).logits.float().numpy()
 

@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
-
-import jax
-import jax.numpy as jnp
 
 from mobajax.generate import generate_tokens
 from mobajax.models import forward, load_pretrained

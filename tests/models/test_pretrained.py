@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from tests.models.hf_checkpoints import VARIANTS, make_checkpoint, torch_greedy, torch_logits
 from mobajax.generate import generate_tokens
 from mobajax.models import forward, load_pretrained, save_pretrained
+from tests.models.hf_checkpoints import VARIANTS, make_checkpoint, torch_greedy, torch_logits
 
 RNG = np.random.RandomState(0)
 TOKENS = RNG.randint(0, 128, size=(2, 37))

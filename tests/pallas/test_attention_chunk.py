@@ -7,11 +7,10 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from mobajax.attention import dense_attention_reference
 from mobajax.pallas.attention_chunk import (

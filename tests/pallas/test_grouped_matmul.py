@@ -4,11 +4,10 @@ groups), the fixed-capacity reference's overflow count, Triton lowering, GPU run
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from mobajax.pallas.grouped_matmul import (
     GroupedMatmulConfig,

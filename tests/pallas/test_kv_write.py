@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from mobajax.pallas.kv_write import KVWriteConfig, kv_write, kv_write_reference
 

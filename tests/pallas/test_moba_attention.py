@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from mobajax.moba import moba_attention_dense_mask, moba_selected_chunks
 from mobajax.pallas.moba_attention import (

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from mobajax.pallas.paged_decode import PagedDecodeConfig, paged_decode, paged_decode_reference
 from tests.pallas.conftest import assert_close

@@ -3,11 +3,10 @@ reference against the contiguous dense attention of `mobajax.attention`."""
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from mobajax.attention import dense_attention_reference
 from mobajax.pallas.paged_prefill import (

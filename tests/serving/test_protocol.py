@@ -5,8 +5,15 @@ import json
 import pytest
 
 from mobajax.serving.protocol import (
-    ApiError, ChatCompletionChunk, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
-    Usage, error_body, parse_request,
+    ApiError,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    Usage,
+    error_body,
+    parse_request,
 )
 
 

@@ -24,7 +24,8 @@ def arrays(rows, **overrides) -> SamplingArrays:
 LOGITS = np.log(np.array([0.4, 0.3, 0.15, 0.1, 0.04, 0.01], np.float32))
 
 
-def draw(rows, flags=dict(use_filters=True, use_penalties=False, num_logprobs=0), **overrides):
+def draw(rows, flags=None, **overrides):
+    flags = flags or dict(use_filters=True, use_penalties=False, num_logprobs=0)
     logits = jnp.broadcast_to(jnp.asarray(LOGITS), (rows, V))
     return np.asarray(jax.jit(lambda l, a: sample(l, a, **flags))(logits, arrays(rows, **overrides)).tokens)
 
