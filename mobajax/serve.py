@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip compiling the step buckets at start (they compile on first use)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn log level")
+    p.add_argument("--tensor-parallel-size", type=_positive_int("--tensor-parallel-size"), default=1,
+                   help="shard attention heads, MLPs and the KV pool over this many devices")
+    p.add_argument("--expert-parallel-size", type=_positive_int("--expert-parallel-size"), default=1,
+                   help="spread each MoE layer's experts over this many devices")
     add_moba_arguments(p)
     return p
 
@@ -78,6 +82,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, EngineConfig]:
             gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
             enable_prefix_caching=args.enable_prefix_caching, warmup=args.warmup,
+            tensor_parallel_size=args.tensor_parallel_size, expert_parallel_size=args.expert_parallel_size,
         )
     except ValueError as err:  # EngineConfig names the field; give the flag's name instead
         field = str(err).split(" ", 1)[0]

@@ -16,6 +16,9 @@ class EngineConfig:
     the model's maximum). enable_prefix_caching: reuse full cached pages across requests.
     decode_steps: decode steps fused into one jitted call when no admission is pending.
     warmup: compile every step bucket when the engine starts (else on first use).
+    tensor_parallel_size, expert_parallel_size: shard the model over that many devices (see
+    `mobajax.parallel`): attention heads, MLP columns and the KV pool's kv heads over `tensor`,
+    MoE experts over `expert`; the engine uses the first tensor * expert devices.
     """
 
     dtype: str = "float32"
@@ -29,6 +32,8 @@ class EngineConfig:
     decode_steps: int = 8
     seed: int = 0
     warmup: bool = True
+    tensor_parallel_size: int = 1
+    expert_parallel_size: int = 1
 
     def __post_init__(self):
         checks = [
@@ -40,6 +45,8 @@ class EngineConfig:
             (self.max_model_len is None or self.max_model_len >= 2, f"max_model_len must be >= 2, got {self.max_model_len}"),
             (self.decode_steps >= 1, f"decode_steps must be >= 1, got {self.decode_steps}"),
             (self.dtype in ("float32", "bfloat16"), f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}"),
+            (self.tensor_parallel_size >= 1, f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}"),
+            (self.expert_parallel_size >= 1, f"expert_parallel_size must be >= 1, got {self.expert_parallel_size}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -48,6 +48,10 @@ class LLMEngine:
         self.tokenizer = pretrained.tokenizer
         self.model_config = mc
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        pool_sharding = None
+        devices_needed = config.tensor_parallel_size * config.expert_parallel_size
+        if devices_needed > 1:
+            pretrained, pool_sharding = self._parallelize(pretrained, config, devices_needed)
         dtype = resolve_dtype(config.dtype)
         params = pretrained.params
         if pretrained.dtype != config.dtype:
@@ -62,7 +66,7 @@ class LLMEngine:
             )
         self.blocks = BlockManager(num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.blocks)
-        self.runner = ModelRunner(module, params, num_pages, config.page_size, self.max_model_len, dtype)
+        self.runner = ModelRunner(module, params, num_pages, config.page_size, self.max_model_len, dtype, pool_sharding)
         self.max_rows = next_power_of_two(config.max_num_seqs)
         eos = set(mc.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -79,6 +83,26 @@ class LLMEngine:
     ) -> LLMEngine:
         """Load `model` (optionally with MoBA attention) and build an engine for it."""
         return cls(load_pretrained(model, dtype=config.dtype, moba=moba), config)
+
+    @staticmethod
+    def _parallelize(pretrained: Pretrained, config: EngineConfig, devices_needed: int):
+        """(pretrained sharded over a (1, expert, tensor) mesh, the page pool's sharding)."""
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from mobajax.parallel import make_parallel
+
+        devices = jax.devices()
+        if len(devices) < devices_needed:
+            raise ValueError(
+                f"tensor_parallel_size {config.tensor_parallel_size} x expert_parallel_size "
+                f"{config.expert_parallel_size} needs {devices_needed} devices, found {len(devices)}"
+            )
+        pretrained, mesh = make_parallel(
+            pretrained, tensor_parallel_size=config.tensor_parallel_size,
+            expert_parallel_size=config.expert_parallel_size, devices=devices[:devices_needed],
+        )
+        return pretrained, NamedSharding(mesh, P(None, None, "tensor", None))
 
     def _auto_num_pages(self, mc, dtype) -> int:
         page_bytes = ModelRunner.page_bytes(mc, self.config.page_size, dtype)

@@ -92,7 +92,8 @@ def _decode(module, params, pools, tokens, positions, slots, page_table, remaini
 class ModelRunner:
     """Params + page pool + compiled steps for one model.
 
-    module: the Flax decoder (its config's attention_impl picks XLA or Pallas attention).
+    module: the Flax decoder (its config's attention_impl picks XLA or Pallas attention); with
+    sharded params, the jitted steps run SPMD over their mesh.
     """
 
     module: Any
@@ -101,11 +102,13 @@ class ModelRunner:
     page_size: int
     max_model_len: int
     dtype: Any
+    pool_sharding: Any = None  # e.g. kv heads over the mesh's `tensor` axis; None: default device
 
     def __post_init__(self):
         c = self.module.config
         shape = (self.num_pages, self.page_size, c.num_kv_heads, c.head_dim)
-        self.pools: Pools = tuple((jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in range(c.num_layers))
+        zeros = functools.partial(jnp.zeros, shape, self.dtype, device=self.pool_sharding)
+        self.pools: Pools = tuple((zeros(), zeros()) for _ in range(c.num_layers))
         self.pages_per_seq = -(-self.max_model_len // self.page_size)
         self._step = jax.jit(functools.partial(_step, self.module), static_argnames=("flags",), donate_argnums=(1,))
         self._decode = jax.jit(
