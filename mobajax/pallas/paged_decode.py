@@ -100,14 +100,16 @@ def paged_decode_kernel(
     lse_ref[...] = lse
 
 
-def _check(q, k_pages, v_pages, page_table, lengths):
+def check_pool(q, k_pages, v_pages, q_shape: str) -> None:
+    """Shared input checks of the paged kernels: q `q_shape` ([B, N, H] or [T, N, H]) against the
+    pool layout [P, G, K, H]; ValueError naming the bad value and what is allowed."""
     if q.ndim != 3:
-        raise ValueError(f"q must be [B, N, H], got shape {q.shape}")
+        raise ValueError(f"q must be {q_shape}, got shape {q.shape}")
     if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
         raise ValueError(
             f"k_pages and v_pages must both be [P, G, K, H], got {k_pages.shape} and {v_pages.shape}"
         )
-    b, n, h = q.shape
+    _, n, h = q.shape
     _, g, kv_heads, hk = k_pages.shape
     if hk != h or h not in HEAD_DIMS:
         raise ValueError(f"head dim of q ({h}) and pages ({hk}) must match and be in {HEAD_DIMS}")
@@ -115,6 +117,11 @@ def _check(q, k_pages, v_pages, page_table, lengths):
         raise ValueError(f"page size G={g} is not supported; allowed: {PAGE_SIZES}")
     if n % kv_heads:
         raise ValueError(f"query heads N={n} must be a multiple of kv heads K={kv_heads}")
+
+
+def _check(q, k_pages, v_pages, page_table, lengths):
+    check_pool(q, k_pages, v_pages, "[B, N, H]")
+    b = q.shape[0]
     if page_table.ndim != 2 or page_table.shape[0] != b or page_table.dtype != jnp.int32:
         raise ValueError(
             f"page_table must be int32 [B={b}, P_max], got {page_table.dtype}{page_table.shape}"

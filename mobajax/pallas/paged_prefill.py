@@ -31,8 +31,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mobajax.pallas import online_softmax as osm
-from mobajax.pallas.attention_chunk import HEAD_DIMS, attention_chunk_reference, merge_states
-from mobajax.pallas.paged_decode import PAGE_SIZES, gather_pages, kv_tile
+from mobajax.pallas.attention_chunk import attention_chunk_reference, merge_states
+from mobajax.pallas.paged_decode import check_pool, gather_pages, kv_tile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,20 +125,7 @@ def paged_prefill_kernel(
 
 
 def _check(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens):
-    if q.ndim != 3:
-        raise ValueError(f"q must be [T, N, H], got shape {q.shape}")
-    if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
-        raise ValueError(
-            f"k_pages and v_pages must both be [P, G, K, H], got {k_pages.shape} and {v_pages.shape}"
-        )
-    _, n, h = q.shape
-    _, g, kv_heads, hk = k_pages.shape
-    if hk != h or h not in HEAD_DIMS:
-        raise ValueError(f"head dim of q ({h}) and pages ({hk}) must match and be in {HEAD_DIMS}")
-    if g not in PAGE_SIZES:
-        raise ValueError(f"page size G={g} is not supported; allowed: {PAGE_SIZES}")
-    if n % kv_heads:
-        raise ValueError(f"query heads N={n} must be a multiple of kv heads K={kv_heads}")
+    check_pool(q, k_pages, v_pages, "[T, N, H]")
     if page_table.ndim != 2 or page_table.dtype != jnp.int32:
         raise ValueError(f"page_table must be int32 [B, P_max], got {page_table.dtype}{page_table.shape}")
     b = page_table.shape[0]
