@@ -234,12 +234,13 @@ class LLMEngine:
         seqs = [item.seq for item in out.scheduled]
         if max(self._allowed(s) for s in seqs) < k:
             return None
-        steps = []
+        steps, copies = [], []
         for seq in seqs:
             want = min(k, self._allowed(seq))
-            if want > 1 and not self.scheduler._reserve(seq, want, []):
+            if want > 1 and not self.scheduler.reserve(seq, want, copies):
                 return None  # not enough free pages for the look-ahead: single step
             steps.append(want)
+        assert not copies, "look-ahead pages are fresh: the page being written was made private this step"
         return seqs, steps, k
 
     def _run_decode(self, seqs: list[Sequence], steps: list[int], num_steps: int) -> set[Request]:

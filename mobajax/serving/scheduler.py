@@ -69,7 +69,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # -- pages ---------------------------------------------------------------------------
-    def _reserve(self, seq: Sequence, count: int, copies: list[tuple[int, int]]) -> bool:
+    def reserve(self, seq: Sequence, count: int, copies: list[tuple[int, int]]) -> bool:
         """Pages for positions [num_computed, num_computed + count), copying shared ones."""
         g = self.blocks.page_size
         end = seq.num_computed + count
@@ -112,7 +112,7 @@ class Scheduler:
             count = min(len(seq.token_ids) - seq.num_computed, budget - used)
             if count <= 0:
                 continue
-            while not self._reserve(seq, count, copies):
+            while not self.reserve(seq, count, copies):
                 victim = self.running[-1]
                 preempted = True
                 self._preempt(victim, scheduled)
