@@ -20,6 +20,8 @@ from tqdm.auto import tqdm
 from mobajax.attention import PagedMetadata
 from mobajax.models import MobaConfig, Pretrained, load_pretrained
 from mobajax.models.convert import resolve_dtype
+from mobajax.pallas.attention_chunk import HEAD_DIMS
+from mobajax.pallas.paged_decode import PAGE_SIZES
 from mobajax.serving import batch
 from mobajax.serving.block_manager import BlockManager
 from mobajax.serving.config import EngineConfig
@@ -56,8 +58,7 @@ class LLMEngine:
         params = pretrained.params
         if pretrained.dtype != config.dtype:
             params = jax.tree.map(lambda x: x.astype(dtype), params)
-        on_gpu = jax.default_backend() == "gpu" and not any(mc.layer_windows)
-        module = pretrained.module.clone(config=dataclasses.replace(mc, attention_impl="pallas" if on_gpu else "xla"), dtype=dtype)
+        module = pretrained.module.clone(config=dataclasses.replace(mc, attention_impl=self.attention_impl(mc, config)), dtype=dtype)
         num_pages = config.num_pages or self._auto_num_pages(mc, dtype)
         if num_pages * config.page_size < self.max_model_len:
             raise ValueError(
@@ -83,6 +84,14 @@ class LLMEngine:
     ) -> LLMEngine:
         """Load `model` (optionally with MoBA attention) and build an engine for it."""
         return cls(load_pretrained(model, dtype=config.dtype, moba=moba), config)
+
+    @staticmethod
+    def attention_impl(mc, config: EngineConfig) -> str:
+        """"pallas" (the paged Triton kernels) on a GPU when they support the model's shapes, else "xla"."""
+        supported = (
+            mc.head_dim in HEAD_DIMS and config.page_size in PAGE_SIZES and not any(mc.layer_windows)
+        )
+        return "pallas" if jax.default_backend() == "gpu" and supported else "xla"
 
     @staticmethod
     def _parallelize(pretrained: Pretrained, config: EngineConfig, devices_needed: int):

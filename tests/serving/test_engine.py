@@ -205,3 +205,20 @@ def _save(model, tmp_path) -> str:
 
     save_pretrained(model, str(tmp_path / "converted"))
     return str(tmp_path / "converted")
+
+
+def test_attention_backend_choice(model, monkeypatch):
+    import dataclasses
+
+    import jax
+
+    from mobajax.serving.engine import LLMEngine as Engine
+
+    config = EngineConfig(warmup=False, page_size=16)
+    assert Engine.attention_impl(model.config, config) == "xla"  # a CPU: the XLA paths
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert Engine.attention_impl(model.config, config) == "pallas"
+    odd_heads = dataclasses.replace(model.config, head_dim=24)  # the kernels want a power of two
+    assert Engine.attention_impl(odd_heads, config) == "xla"
+    windowed = dataclasses.replace(model.config, layer_windows=(None, 8))
+    assert Engine.attention_impl(windowed, config) == "xla"
