@@ -222,3 +222,24 @@ def test_attention_backend_choice(model, monkeypatch):
     assert Engine.attention_impl(odd_heads, config) == "xla"
     windowed = dataclasses.replace(model.config, layer_windows=(None, 8))
     assert Engine.attention_impl(windowed, config) == "xla"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_workload_in_a_tiny_pool(model, seed):
+    """Preemption, prefix caching, forks and chunked prefill together: every request completes with
+    its one-at-a-time output and every page is free afterwards."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(100, 5000, 40).tolist()  # shared prefix for some prompts
+    prompts, params = [], []
+    for _ in range(8):
+        own = rng.integers(100, 5000, int(rng.integers(1, 30))).tolist()
+        prompts.append(base[: int(rng.integers(0, 40))] + own)
+        params.append(SamplingParams(n=int(rng.integers(1, 3)), temperature=0, max_tokens=int(rng.integers(1, 16)), ignore_eos=True))
+    eng = engine(model, num_pages=14, max_model_len=96, max_num_seqs=6, max_num_batched_tokens=24)
+    done = run(eng, prompts, params)
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        want = list(generate_tokens(model, prompt, max_tokens=p.max_tokens, stop_ids=()))
+        assert [o.token_ids for o in done[str(i)].outputs] == [want] * p.n, i
+    stats = eng.stats()
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0  # the workload exercises both
+    assert eng.blocks.num_free == eng.blocks.num_pages and all(r == 0 for r in eng.blocks.ref_counts)
