@@ -65,9 +65,6 @@ class Scheduler:
             child.status = Status.FORKING
         self.waiting.append(first)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     # -- pages ---------------------------------------------------------------------------
     def reserve(self, seq: Sequence, count: int, copies: list[tuple[int, int]]) -> bool:
         """Pages for positions [num_computed, num_computed + count), copying shared ones."""

@@ -86,8 +86,11 @@ def test_work_list_covers_every_row_once():
     sizes = jnp.asarray([5, 0, 17, 3], jnp.int32)
     group, tile, lo, hi = (np.asarray(a) for a in work_list(sizes, 30, 8))
     covered = np.zeros(30, int)
+    bounds = [0, 5, 5, 22, 25, 30]  # groups 0..3, then segment 4: the tail past the groups
     for g, t, a, b in zip(group, tile, lo, hi):
         assert t * 8 <= a <= b <= t * 8 + 8
+        if b > a:  # the item's rows lie in its group
+            assert bounds[g] <= a and b <= bounds[g + 1]
         covered[a:b] += 1
     assert (covered == 1).all()
     bounds = np.r_[0, np.cumsum([5, 0, 17, 3]), 30]
