@@ -53,7 +53,9 @@ def random_pretrained(hf_config: dict, dtype: str = "bfloat16", seed: int = 0) -
     config = arch.parse(hf_config)
     module = arch.module(config, resolve_dtype(dtype))
     tokens = jnp.zeros((1, 1), jnp.int32)
-    params = jax.jit(lambda key: module.init(key, tokens, tokens)["params"])(jax.random.key(seed))
+    # Eager, not one jit: XLA's fusion passes take minutes on a whole-model init graph, while each
+    # eager op compiles once per shape and is reused by every layer.
+    params = module.init(jax.random.key(seed), tokens, tokens)["params"]
     return Pretrained(config, params, module, None, hf_config, dtype)
 
 
