@@ -137,6 +137,7 @@ def _run(args, hf_config: dict, baseline: dict | None) -> int:
     from mobajax.serving.model_runner import ModelRunner
 
     rng = np.random.default_rng(args.seed)
+    bandwidth = copy_bandwidth()  # before the engine takes its share of the GPU memory for the pool
     pretrained = random_pretrained(hf_config, args.dtype, args.seed)
     max_len = max(2 * args.max_len, args.decode_prompt + args.decode_output) + 16
     config = EngineConfig(
@@ -154,7 +155,6 @@ def _run(args, hf_config: dict, baseline: dict | None) -> int:
     throughput = run_requests(engine, prompts, lengths[1].tolist())
     print(f"throughput workload: {throughput['output_tok_s']:.0f} output tok/s", flush=True)
 
-    bandwidth = copy_bandwidth()
     b, p, n = args.decode_batch, args.decode_prompt, args.decode_output
     decode = run_requests(engine, [rng.integers(0, vocab, p).tolist() for _ in range(b)], [n] * b)
     weights = param_bytes(pretrained.params)
