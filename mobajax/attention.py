@@ -10,6 +10,7 @@ Shape letters: B batch, T new tokens, S kv length, N query heads, K kv heads, H 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 from mobajax.moba import moba_attention_reference, moba_selected_chunks  # noqa: F401
 from mobajax.moba_masks import MobaSpec, dense_key_mask, paged_chunk_means, selected_chunk_mask
 from mobajax.pallas.kv_write import kv_write, kv_write_reference
+from mobajax.pallas.paged_decode import paged_decode
 from mobajax.pallas.paged_prefill import paged_prefill
 
 IMPLEMENTATIONS = ("xla", "pallas")
@@ -61,7 +63,13 @@ class KVCache(NamedTuple):
     v: jax.Array
 
 
-class PagedMetadata(NamedTuple):
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["slots", "page_table", "cu_q_lens", "kv_lens", "token_seq"],
+    meta_fields=["decode"],
+)
+@dataclasses.dataclass(frozen=True)
+class PagedMetadata:
     """Where a flat batch's new tokens live in the page pool (one per step, shared by all layers).
 
     slots [T]: pool slot (page * G + offset) of each new token, -1 for padding.
@@ -76,6 +84,7 @@ class PagedMetadata(NamedTuple):
     cu_q_lens: jax.Array
     kv_lens: jax.Array
     token_seq: jax.Array
+    decode: bool = False
 
 
 class PagedKVCache(NamedTuple):
@@ -222,7 +231,10 @@ def _attend_paged(q, k, v, positions, cache: PagedKVCache, spec: AttentionSpec, 
         row = k.shape[2] * k.shape[3]
         write = kv_write if row & (row - 1) == 0 else kv_write_reference  # the kernel needs K * H = 2^n
         k_pages, v_pages = write(cache.k_pages, cache.v_pages, k[0], v[0], meta.slots)
-        out = paged_prefill(q[0], k_pages, v_pages, meta.page_table, meta.cu_q_lens, meta.kv_lens, scale=scale)
+        if meta.decode:
+            out = paged_decode(q[0], k_pages, v_pages, meta.page_table, meta.kv_lens, scale=scale)
+        else:
+            out = paged_prefill(q[0], k_pages, v_pages, meta.page_table, meta.cu_q_lens, meta.kv_lens, scale=scale)
     else:
         k_pages, v_pages = kv_write_reference(cache.k_pages, cache.v_pages, k[0], v[0], meta.slots)
         out = paged_attention_xla(

@@ -1,9 +1,13 @@
 """The attention dispatch: dense reference vs naive maths, paged XLA path vs dense reference."""
 
+import dataclasses
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import mobajax.attention
 from mobajax.attention import (
     AttentionSpec,
     KVCache,
@@ -109,11 +113,32 @@ def test_paged_attend_equals_dense(page_size, window):
 def test_paged_padding_rows_are_zero_and_not_written():
     rng = np.random.default_rng(3)
     k_pages, v_pages, meta, positions = build_paged_batch(rng, [3], [2], 4, 8, 1, 4)
-    meta = meta._replace(slots=jnp.concatenate([meta.slots, jnp.array([-1, -1], jnp.int32)]),
-                         token_seq=jnp.concatenate([meta.token_seq, jnp.zeros(2, jnp.int32)]))
+    meta = dataclasses.replace(meta, slots=jnp.concatenate([meta.slots, jnp.array([-1, -1], jnp.int32)]),
+                               token_seq=jnp.concatenate([meta.token_seq, jnp.zeros(2, jnp.int32)]))
     q = jnp.asarray(rng.standard_normal((4, 2, 4)), jnp.float32)
     out = paged_attention_xla(q, jnp.asarray(k_pages), jnp.asarray(v_pages), meta, jnp.asarray([3, 4, -1, -1]), scale=0.5)
     assert np.all(np.asarray(out[2:]) == 0) and np.all(np.isfinite(np.asarray(out)))
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_pallas_dispatch_equals_xla(monkeypatch, decode):
+    """impl="pallas" (kernels in interpret mode on CPU) writes the pool and attends like the XLA
+    path: the ragged prefill kernel for mixed batches, the decode kernel for `decode` metadata."""
+    for name in ("kv_write", "paged_prefill", "paged_decode"):
+        monkeypatch.setattr(mobajax.attention, name, functools.partial(getattr(mobajax.attention, name), interpret=True))
+    rng = np.random.default_rng(4)
+    n, kh, h, page_size = 8, 2, 16, 16
+    lens_cached, lens_new = ([5, 40, 0, 17], [1, 1, 1, 1]) if decode else ([0, 21, 3], [9, 1, 30])
+    k_pages, v_pages, meta, positions = build_paged_batch(rng, lens_cached, lens_new, page_size, 24, kh, h)
+    meta = dataclasses.replace(meta, decode=decode)
+    t = len(positions)
+    q, k_new, v_new = (jnp.asarray(rng.standard_normal((1, t, x, h)), jnp.float32) for x in (n, kh, kh))
+    outs = {}
+    for impl in ("xla", "pallas"):
+        cache = PagedKVCache(jnp.asarray(k_pages), jnp.asarray(v_pages), meta)
+        outs[impl] = attend(q, k_new, v_new, jnp.asarray(positions)[None], cache, AttentionSpec(impl=impl), scale=0.25)
+    np.testing.assert_allclose(np.asarray(outs["pallas"][0]), np.asarray(outs["xla"][0]), atol=2e-5)
+    np.testing.assert_array_equal(np.asarray(outs["pallas"][1].k_pages), np.asarray(outs["xla"][1].k_pages))
 
 
 def test_pallas_impl_rejects_sliding_window():

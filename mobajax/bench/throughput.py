@@ -6,8 +6,10 @@ Two workloads on a random-weight model of a real shape, through the engine (`LLM
    time goes (waiting for the device vs host work).
 2. decode at batch B (default 64, prompt 512, 256 new tokens): output tokens/s in the window where
    all B decode, against the memory floor (weights + KV bytes read per step) / copy bandwidth
-   measured in the same run, and against Hugging Face transformers `generate` on the same shape
-   and batch (`--hf`, torch, run in a subprocess before JAX takes the GPU).
+   measured in the same run.
+With `--hf`, Hugging Face transformers `generate` runs both workloads on the same shape first (torch,
+in a subprocess before JAX takes the GPU): the decode batch, and the first `--hf-requests` requests
+of the throughput workload in static batches of B (see `hf_baseline`).
 Prints a table, writes throughput.json and throughput.png to --out.
 """
 
@@ -25,37 +27,66 @@ import numpy as np
 HF_BASELINE_FLAG = "--hf-baseline-only"
 
 
-def hf_generate_tokens_per_second(hf_config: dict, batch: int, prompt: int, new: int, dtype: str) -> dict:
-    """transformers generate (greedy, exactly `new` tokens) on random weights; output tokens/s."""
+def workload(seed: int, num_prompts: int, min_len: int, max_len: int, vocab: int) -> tuple[list[list[int]], list[int]]:
+    """The throughput workload: random prompts and output lengths, uniform in [min_len, max_len]."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(min_len, max_len + 1, size=(2, num_prompts))
+    return [rng.integers(0, vocab, n).tolist() for n in lengths[0]], lengths[1].tolist()
+
+
+def hf_baseline(hf_config: dict, args) -> dict:
+    """transformers generate on random weights (greedy, no early stop), output tokens/s on:
+
+    - the decode batch: `decode_batch` prompts of `decode_prompt` tokens, `decode_output` new each;
+    - the first `hf_requests` requests of the throughput workload, in batches of `decode_batch`
+      (left-padded; each batch generates its longest requested output, as static batching must;
+      only the requested output tokens count)."""
     import torch
     import transformers
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fields = {k: v for k, v in hf_config.items() if k not in ("architectures", "model_type")}
     config = transformers.AutoConfig.for_model(hf_config["model_type"], **fields)
-    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     with torch.device(device):  # initialise the random weights where they run
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype).eval()
-    ids = torch.randint(0, config.vocab_size, (batch, prompt), device=device)
-    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        model.generate(ids[:, :16], max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+
+    def generate(prompts: list[list[int]], new: int) -> float:
+        width = max(map(len, prompts))
+        ids = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        model.generate(ids, **kwargs)
+        with torch.no_grad():
+            model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
         if device == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-    return {"impl": "transformers generate", "device": device, "seconds": seconds, "output_tok_s": batch * new / seconds,
-            "torch": torch.__version__, "transformers": transformers.__version__}
+        return time.perf_counter() - start
+
+    rng = np.random.default_rng(args.seed + 1)
+    generate([[1] * 16], 4)  # warm-up
+    b, p, n = args.decode_batch, args.decode_prompt, args.decode_output
+    decode_s = generate(rng.integers(0, config.vocab_size, (b, p)).tolist(), n)
+    prompts, outputs = workload(args.seed, args.num_prompts, args.min_len, args.max_len, config.vocab_size)
+    prompts, outputs = prompts[: args.hf_requests], outputs[: args.hf_requests]
+    workload_s = sum(generate(prompts[i : i + b], max(outputs[i : i + b])) for i in range(0, len(prompts), b))
+    return {
+        "impl": "transformers generate", "device": device, "torch": torch.__version__, "transformers": transformers.__version__,
+        "decode_seconds": decode_s, "output_tok_s": b * n / decode_s,
+        "workload_requests": len(prompts), "workload_seconds": workload_s, "workload_output_tok_s": sum(outputs) / workload_s,
+    }
 
 
 def run_hf_baseline(args, hf_config: dict) -> dict | None:
     """The transformers baseline in a subprocess (so torch and JAX don't share the GPU)."""
-    command = [sys.executable, "-m", "mobajax.bench", "throughput", HF_BASELINE_FLAG, "--shape", args.shape,
-               "--decode-batch", str(args.decode_batch), "--decode-prompt", str(args.decode_prompt),
-               "--decode-output", str(args.decode_output), "--dtype", args.dtype]
+    command = [sys.executable, "-m", "mobajax.bench", "throughput", HF_BASELINE_FLAG, "--shape", args.shape, "--dtype", args.dtype,
+               "--seed", str(args.seed)]
+    for name in ("num_prompts", "min_len", "max_len", "decode_batch", "decode_prompt", "decode_output", "hf_requests"):
+        command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     result = subprocess.run(command, capture_output=True, text=True, timeout=3000)
     if result.returncode != 0:
         print(f"transformers baseline failed:\n{result.stderr[-2000:]}", file=sys.stderr)
@@ -102,11 +133,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
     parser.add_argument("--decode-steps", type=int, default=8)
     parser.add_argument("--hf", action="store_true", help="also time transformers generate (same run)")
+    parser.add_argument("--hf-requests", type=int, default=64, help="requests of the workload transformers runs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench_out")
     parser.add_argument(HF_BASELINE_FLAG, action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name in ("num_prompts", "min_len", "decode_batch", "decode_prompt", "decode_output", "max_num_seqs"):
+    for name in ("num_prompts", "min_len", "decode_batch", "decode_prompt", "decode_output", "max_num_seqs", "hf_requests"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_len < args.min_len:
@@ -119,11 +151,12 @@ def main(argv: list[str]) -> int:
     except (ValueError, OSError) as err:
         parser.error(str(err))
     if getattr(args, HF_BASELINE_FLAG.strip("-").replace("-", "_")):
-        print(json.dumps(hf_generate_tokens_per_second(hf_config, args.decode_batch, args.decode_prompt, args.decode_output, args.dtype)))
+        print(json.dumps(hf_baseline(hf_config, args)))
         return 0
     baseline = run_hf_baseline(args, hf_config) if args.hf else None
     if baseline:
-        print(f"transformers baseline: {baseline['output_tok_s']:.0f} output tok/s", flush=True)
+        print(f"transformers baseline: decode batch {baseline['output_tok_s']:.0f} output tok/s, "
+              f"workload {baseline['workload_output_tok_s']:.0f} output tok/s", flush=True)
     return _run(args, hf_config, baseline)
 
 
@@ -150,9 +183,8 @@ def _run(args, hf_config: dict, baseline: dict | None) -> int:
     compile_s = time.perf_counter() - start
     print(f"warm-up compiled {sum(map(len, engine.buckets()))} buckets in {compile_s:.1f} s", flush=True)
     vocab = pretrained.config.vocab_size
-    lengths = rng.integers(args.min_len, args.max_len + 1, size=(2, args.num_prompts))
-    prompts = [rng.integers(0, vocab, n).tolist() for n in lengths[0]]
-    throughput = run_requests(engine, prompts, lengths[1].tolist())
+    prompts, outputs = workload(args.seed, args.num_prompts, args.min_len, args.max_len, vocab)
+    throughput = run_requests(engine, prompts, outputs)
     print(f"throughput workload: {throughput['output_tok_s']:.0f} output tok/s", flush=True)
 
     b, p, n = args.decode_batch, args.decode_prompt, args.decode_output
@@ -168,7 +200,8 @@ def _run(args, hf_config: dict, baseline: dict | None) -> int:
         "decode_floor_tok_s": b / step_floor, "decode_window_tok_s": decode_tok_s,
         "fraction_of_floor": decode_tok_s * step_floor / b if decode_tok_s else None,
         "transformers": baseline,
-        "speedup_vs_transformers": (decode["output_tok_s"] / baseline["output_tok_s"]) if baseline else None,
+        "decode_speedup_vs_transformers": (decode["output_tok_s"] / baseline["output_tok_s"]) if baseline else None,
+        "workload_speedup_vs_transformers": (throughput["output_tok_s"] / baseline["workload_output_tok_s"]) if baseline else None,
     }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "throughput.json"), "w") as f:
@@ -188,7 +221,10 @@ def _print(r: dict) -> None:
         print(f"decode window: {r['decode_window_tok_s']:.0f} tok/s = {r['fraction_of_floor']:.0%} of the memory floor "
               f"{r['decode_floor_tok_s']:.0f} tok/s (copy bandwidth {r['copy_bandwidth_Bps'] / 1e12:.2f} TB/s)")
     if r["transformers"]:
-        print(f"transformers generate: {r['transformers']['output_tok_s']:.0f} tok/s; mobajax {r['speedup_vs_transformers']:.1f}x")
+        hf = r["transformers"]
+        print(f"transformers generate, throughput workload (first {hf['workload_requests']} requests, batches of "
+              f"{r['decode']['requests']}): {hf['workload_output_tok_s']:.0f} tok/s; mobajax {r['workload_speedup_vs_transformers']:.1f}x")
+        print(f"transformers generate, decode batch: {hf['output_tok_s']:.0f} tok/s; mobajax {r['decode_speedup_vs_transformers']:.1f}x")
 
 
 def _plot(r: dict, path: str) -> None:
@@ -197,13 +233,15 @@ def _plot(r: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["mobajax (decode batch)", "memory floor"]
-    values = [r["decode"]["output_tok_s"], r["decode_floor_tok_s"]]
+    names = ["mobajax: workload", "mobajax: decode batch", "decode batch memory floor"]
+    values = [r["throughput"]["output_tok_s"], r["decode"]["output_tok_s"], r["decode_floor_tok_s"]]
+    colors = ["tab:blue", "tab:blue", "tab:gray"]
     if r["transformers"]:
-        names.append("transformers generate")
-        values.append(r["transformers"]["output_tok_s"])
+        names += ["transformers: workload", "transformers: decode batch"]
+        values += [r["transformers"]["workload_output_tok_s"], r["transformers"]["output_tok_s"]]
+        colors += ["tab:orange", "tab:orange"]
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.barh(names, values, color=["tab:blue", "tab:gray", "tab:orange"][: len(values)])
+    ax.barh(names, values, color=colors)
     ax.set_xlabel("output tokens / s")
     ax.set_title(f"{r['shape']} {r['dtype']}, {r['device']}")
     fig.tight_layout()

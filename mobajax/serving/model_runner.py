@@ -65,7 +65,7 @@ def _decode(module, params, pools, tokens, positions, slots, page_table, remaini
 
     def body(i, carry):
         pools, last, alive, counts, out = carry
-        meta = PagedMetadata(jnp.where(alive, slots[i], -1), page_table, cu, positions + i + 1, row_ids)
+        meta = PagedMetadata(jnp.where(alive, slots[i], -1), page_table, cu, positions + i + 1, row_ids, decode=True)
         logits, pools = _forward(module, params, pools, last, jnp.where(alive, positions + i, -1), meta, row_ids)
         step_arrays = arrays._replace(counters=arrays.counters + i, counts=counts)
         s = sample(logits, step_arrays, **flags._asdict())
