@@ -11,8 +11,10 @@ and set --api-key then). Engine flags have vLLM's names.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from mobajax.models.default_model import cache_dir
 from mobajax.models.moba_args import add_moba_arguments, moba_from_args
 from mobajax.serving.config import EngineConfig
 
@@ -53,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="turn off prefix caching (on by default)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="skip compiling the step buckets at start (they compile on first use)")
+    p.add_argument("--compilation-cache-dir", default=os.path.join(cache_dir(), "jax"),
+                   help="JAX's persistent compilation cache: a restart reuses the compiled step buckets "
+                        "(default: the mobajax cache's jax/ folder; '' turns it off)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn log level")
     p.add_argument("--tensor-parallel-size", type=_positive_int("--tensor-parallel-size"), default=1,
@@ -90,6 +95,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, EngineConfig]:
     return args, config
 
 
+def enable_compilation_cache(path: str) -> None:
+    """Persist every compiled program that took >= 1 s under `path` (JAX's compilation cache)."""
+    import jax
+
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def main(argv: list[str] | None = None) -> int:
     args, config = parse_args(sys.argv[1:] if argv is None else argv)
     import uvicorn
@@ -97,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     from mobajax.serving.async_engine import AsyncEngine
     from mobajax.serving.server import build_app
 
+    if args.compilation_cache_dir:
+        enable_compilation_cache(args.compilation_cache_dir)
     try:
         engine = AsyncEngine.from_pretrained(args.model, engine_config=config, moba=args.moba)
     except (ValueError, FileNotFoundError) as err:

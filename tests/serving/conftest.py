@@ -21,6 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 STARTUP_TIMEOUT_S = 600
+COMPILATION_CACHE = tempfile.mkdtemp(prefix="mobajax-jax-cache-")  # shared by this run's servers
 API_KEY = "test-key"
 MODEL_NAME = "smol"
 
@@ -81,7 +82,8 @@ class LiveServer:
 def live_server(*flags: str, api_key: str | None = None):
     port = free_port()
     log = tempfile.NamedTemporaryFile("w", prefix="mobajax-serve-", suffix=".log", delete=False)
-    args = [sys.executable, "-m", "mobajax.serve", "--port", str(port), "--log-level", "warning", *flags]
+    args = [sys.executable, "-m", "mobajax.serve", "--port", str(port), "--log-level", "warning",
+            "--compilation-cache-dir", COMPILATION_CACHE, *flags]
     if api_key:
         args += ["--api-key", api_key]
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))

@@ -3,13 +3,15 @@ default model (float32, CPU), greedy outputs compared across batching, preemptio
 and disconnects; bad input gets a 4xx with a clear message while the server keeps serving."""
 
 import asyncio
+import os
 
 import httpx
 import openai
 import pytest
 
+from mobajax.models.default_model import cache_dir
 from mobajax.serve import main, parse_args
-from tests.serving.conftest import MAX_LEN, MODEL_NAME
+from tests.serving.conftest import COMPILATION_CACHE, MAX_LEN, MODEL_NAME
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -29,6 +31,18 @@ async def stream_text(server, prompt, **kw):
                 text += choice.text
                 finish = choice.finish_reason or finish
     return text, finish
+
+
+def test_compiled_steps_are_cached_on_disk(server):
+    entries = os.listdir(COMPILATION_CACHE)  # the warm-up's step buckets take seconds each to compile
+    assert any(name.startswith("jit__step") for name in entries), entries
+    assert any(name.startswith("jit__decode") for name in entries), entries
+
+
+def test_compilation_cache_flag():
+    args, _ = parse_args([])
+    assert args.compilation_cache_dir == os.path.join(cache_dir(), "jax")
+    assert parse_args(["--compilation-cache-dir", ""])[0].compilation_cache_dir == ""
 
 
 def test_models_health_tokenize(server):
