@@ -205,6 +205,9 @@ def _mosaic_group_of_tile(group_sizes_ref, num_groups: int, block_m: int, item):
     return group, tile, first, size
 
 
+TMA_ROW_TILE = 8  # rows of the Mosaic kernel's GMEM operands are padded to a multiple of this
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
 def grouped_matmul_mosaic(
     lhs: jax.Array,
@@ -215,11 +218,14 @@ def grouped_matmul_mosaic(
 ) -> jax.Array:
     """lhs [M, K] sorted by group @ rhs [G, K, N] per group -> [M, N] (Pallas Mosaic GPU, Hopper).
 
-    bf16/f16 only. Rows past sum(group_sizes) are left unspecified. See the module docstring.
+    bf16/f16 only, any M (padded to a multiple of 8 rows for TMA when needed). Rows past
+    sum(group_sizes) are left unspecified. See the module docstring.
     """
     from jax.experimental.pallas import mosaic_gpu as mgpu
 
     _check(lhs, rhs, group_sizes)
+    num_rows = lhs.shape[0]
+    lhs = jnp.pad(lhs, ((0, -num_rows % TMA_ROW_TILE), (0, 0)))  # TMA needs whole 8-row tiles in GMEM
     m, k = lhs.shape
     num_groups, _, n = rhs.shape
     c = config
@@ -283,7 +289,7 @@ def grouped_matmul_mosaic(
         grid_names=("sm",),
         compiler_params=mgpu.CompilerParams(lowering_semantics=mgpu.LoweringSemantics.Warpgroup),
     )
-    return kernel(group_sizes.astype(jnp.int32), lhs, rhs)
+    return kernel(group_sizes.astype(jnp.int32), lhs, rhs)[:num_rows]
 
 
 def grouped_matmul_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
