@@ -3,7 +3,7 @@
 Two workloads on a random-weight model of a real shape, through the engine (`LLMEngine`):
 1. throughput: N requests (default 256) with prompt and output lengths uniform in [min, max]
    (default 100-1024), `ignore_eos`; requests/s, output and total tokens/s, and where the wall
-   time goes (waiting for the device vs host work).
+   time goes (`LLMEngine.times`: scheduling, building inputs, the device, processing outputs).
 2. decode at batch B (default 64, prompt 512, 256 new tokens): output tokens/s in the window where
    all B decode, against the memory floor (weights + KV bytes read per step) / copy bandwidth
    measured in the same run.
@@ -16,6 +16,7 @@ Prints a table, writes throughput.json and throughput.png to --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -98,7 +99,7 @@ def run_requests(engine, prompts: list[list[int]], outputs: list[int]) -> dict:
     """Submit all, step to completion; timings, token counts, and the all-decoding window."""
     from mobajax.serving.sampling_params import SamplingParams
 
-    device_before = engine.device_seconds
+    times_before = dataclasses.replace(engine.times)
     start = time.perf_counter()
     for i, (prompt, new) in enumerate(zip(prompts, outputs)):
         engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True))
@@ -114,7 +115,9 @@ def run_requests(engine, prompts: list[list[int]], outputs: list[int]) -> dict:
     return {
         "requests": len(prompts), "seconds": seconds, "requests_s": len(prompts) / seconds,
         "output_tok_s": total_out / seconds, "total_tok_s": (total_out + sum(map(len, prompts))) / seconds,
-        "device_fraction": (engine.device_seconds - device_before) / seconds,
+        "device_fraction": (engine.times.device - times_before.device) / seconds,
+        "phase_seconds": {f.name: getattr(engine.times, f.name) - getattr(times_before, f.name)
+                          for f in dataclasses.fields(engine.times)},
         "decode_window_s": window, "decode_window_tokens": total_out - generated_before,
     }
 
@@ -217,6 +220,9 @@ def _print(r: dict) -> None:
     print(f"{'workload':<28}{'req/s':>9}{'out tok/s':>12}{'total tok/s':>13}{'device share':>14}")
     for name, w in (("throughput", t), ("decode batch", d)):
         print(f"{name:<28}{w['requests_s']:>9.2f}{w['output_tok_s']:>12.0f}{w['total_tok_s']:>13.0f}{w['device_fraction']:>14.0%}")
+    for name, w in (("throughput", t), ("decode batch", d)):
+        phases = ", ".join(f"{k} {v:.2f} s" for k, v in w["phase_seconds"].items())
+        print(f"{name} wall {w['seconds']:.2f} s = engine steps ({phases}) + the rest")
     if r["decode_window_tok_s"]:
         print(f"decode window: {r['decode_window_tok_s']:.0f} tok/s = {r['fraction_of_floor']:.0%} of the memory floor "
               f"{r['decode_floor_tok_s']:.0f} tok/s (copy bandwidth {r['copy_bandwidth_Bps'] / 1e12:.2f} TB/s)")

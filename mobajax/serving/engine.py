@@ -35,6 +35,22 @@ from mobajax.serving.sequence import IncrementalDetokenizer, Request, Sequence, 
 CPU_POOL_BYTES = 2 << 30  # default KV pool on a CPU: 2 GiB
 
 
+@dataclasses.dataclass
+class StepTimes:
+    """Cumulative wall seconds of `LLMEngine.step` by phase: `schedule` (scheduler, decode
+    look-ahead), `inputs` (index and sampling arrays built on the host), `device` (from dispatching
+    the jitted call until its sampled ids are on the host), `outputs` (appending tokens, stop
+    checks, detokenising, building the outputs). All but `device` are host work."""
+
+    schedule: float = 0.0
+    inputs: float = 0.0
+    device: float = 0.0
+    outputs: float = 0.0
+
+    def total(self) -> float:
+        return self.schedule + self.inputs + self.device + self.outputs
+
+
 class LLMEngine:
     def __init__(self, pretrained: Pretrained, config: EngineConfig = EngineConfig()):
         mc = pretrained.config
@@ -76,7 +92,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.stats_counters = EngineStats()
         self._rng = np.random.default_rng(config.seed)
-        self.device_seconds = 0.0  # wall time spent waiting for jitted steps (the rest is host work)
+        self.times = StepTimes()
 
     @classmethod
     def from_pretrained(
@@ -191,19 +207,22 @@ class LLMEngine:
     # -- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; returns the outputs of the requests it advanced."""
+        start = time.perf_counter()
         out = self.scheduler.schedule()
+        decodes = None if out.is_empty else self._fused_decode_plan(out)
+        scheduled = time.perf_counter()
+        self.times.schedule += scheduled - start
         if out.is_empty:
             return []
-        now = time.monotonic()
         for item in out.scheduled:
             if item.seq.request.metrics.first_scheduled_time is None:
-                item.seq.request.metrics.first_scheduled_time = now
-        decodes = self._fused_decode_plan(out)
-        if decodes is not None:
-            touched = self._run_decode(*decodes)
-        else:
-            touched = self._run_step(out)
-        return self._collect(touched)
+                item.seq.request.metrics.first_scheduled_time = time.monotonic()
+        inputs, device = self.times.inputs, self.times.device
+        touched = self._run_decode(*decodes) if decodes is not None else self._run_step(out)
+        outputs = self._collect(touched)
+        run = time.perf_counter() - scheduled
+        self.times.outputs += run - (self.times.inputs - inputs) - (self.times.device - device)
+        return outputs
 
     def _stop_ids(self, seq: Sequence) -> list[int]:
         ids = list(seq.params.stop_token_ids)
@@ -212,14 +231,16 @@ class LLMEngine:
         return ids
 
     def _run_step(self, out) -> set[Request]:
+        start = time.perf_counter()
         tokens, positions, meta, logits_index, sample_seqs, rows = batch.step_inputs(
             out, self.config.page_size, self.runner.pages_per_seq, self.max_rows
         )
         flags = batch.flags_for(sample_seqs)
         arrays = batch.sampling_arrays(sample_seqs, rows, [self._stop_ids(s) for s in sample_seqs], self.model_config.vocab_size, flags)
-        start = time.perf_counter()
+        dispatch = time.perf_counter()
+        self.times.inputs += dispatch - start
         sampled = jax.device_get(self.runner.step(out.copies, tokens, positions, meta, logits_index, arrays, flags))
-        self.device_seconds += time.perf_counter() - start
+        self.times.device += time.perf_counter() - dispatch
         for item in out.scheduled:
             self.scheduler.advance(item)
         for i, seq in enumerate(sample_seqs):
@@ -253,16 +274,18 @@ class LLMEngine:
         return seqs, steps, k
 
     def _run_decode(self, seqs: list[Sequence], steps: list[int], num_steps: int) -> set[Request]:
+        start = time.perf_counter()
         tokens, positions, slots, page_table, remaining = batch.decode_inputs(
             seqs, steps, num_steps, self.config.page_size, self.runner.pages_per_seq
         )
         flags = batch.flags_for(seqs)
         arrays = batch.sampling_arrays(seqs, len(tokens), [self._stop_ids(s) for s in seqs], self.model_config.vocab_size, flags)
-        start = time.perf_counter()
+        dispatch = time.perf_counter()
+        self.times.inputs += dispatch - start
         sampled = jax.device_get(self.runner.decode(tokens, positions, slots, page_table, remaining, arrays, flags, num_steps))
-        self.device_seconds += time.perf_counter() - start
+        self.times.device += time.perf_counter() - dispatch
         for b, seq in enumerate(seqs):
-            start = seq.num_computed
+            first = seq.num_computed
             taken = 0
             for i in range(num_steps):
                 if sampled.tokens[i, b] < 0 or seq.finish_reason is not None:
@@ -270,7 +293,7 @@ class LLMEngine:
                 self._append(seq, sampled, (i, b))
                 taken += 1
             if seq.status is not Status.FINISHED:
-                self.scheduler.advance(ScheduledSeq(seq, start, taken))
+                self.scheduler.advance(ScheduledSeq(seq, first, taken))
         return {seq.request for seq in seqs}
 
     def _append(self, seq: Sequence, sampled: Sampled, at: tuple[int, ...]) -> None:

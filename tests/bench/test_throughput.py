@@ -32,5 +32,10 @@ def test_throughput_bench_with_transformers_baseline(tmp_path, capsys):
     assert hf["workload_requests"] == 4 and hf["workload_output_tok_s"] > 0 and hf["output_tok_s"] > 0
     assert result["workload_speedup_vs_transformers"] > 0 and result["decode_speedup_vs_transformers"] > 0
     assert 0 < result["fraction_of_floor"]
+    for workload in ("throughput", "decode"):
+        w = result[workload]
+        phases = w["phase_seconds"]
+        assert set(phases) == {"schedule", "inputs", "device", "outputs"} and min(phases.values()) > 0
+        assert sum(phases.values()) <= w["seconds"] and w["device_fraction"] == phases["device"] / w["seconds"]
     assert (tmp_path / "out" / "throughput.png").stat().st_size > 0
     assert "transformers generate, throughput workload (first 4 requests" in capsys.readouterr().out

@@ -4,6 +4,8 @@ Greedy outputs of batched, chunked, preempted, prefix-cached and forked runs mus
 the plain KV-cached generator run one request at a time (float32).
 """
 
+import time
+
 import numpy as np
 import pytest
 
@@ -73,7 +75,11 @@ def outputs_of(done, n=len(PROMPTS)):
 
 def test_batched_chunked_greedy_equals_one_at_a_time(model, token_prompts, alone):
     eng = engine(model)
+    start = time.perf_counter()
     done = run(eng, token_prompts, [GREEDY] * len(PROMPTS))
+    wall = time.perf_counter() - start
+    times = eng.times  # every phase of the steps is accounted for, and together they are the wall time
+    assert min(times.schedule, times.inputs, times.device, times.outputs) > 0 and 0.9 * wall < times.total() <= wall
     assert outputs_of(done) == alone
     assert all(done[str(i)].outputs[0].finish_reason == "length" for i in range(len(PROMPTS)))
     assert eng.stats().num_free_pages == eng.blocks.num_pages
