@@ -17,7 +17,13 @@ import jax
 import jax.numpy as jnp
 
 from mobajax.moba import moba_attention_reference, moba_selected_chunks  # noqa: F401
-from mobajax.moba_masks import MobaSpec, dense_key_mask, paged_chunk_means, selected_chunk_mask
+from mobajax.moba_masks import (
+    MobaSpec,
+    dense_key_mask,
+    paged_chunk_means,
+    selected_chunk_mask,
+    update_page_key_sums,
+)
 from mobajax.pallas.kv_write import kv_write, kv_write_reference
 from mobajax.pallas.paged_decode import paged_decode
 from mobajax.pallas.paged_prefill import paged_prefill
@@ -88,11 +94,17 @@ class PagedMetadata:
 
 
 class PagedKVCache(NamedTuple):
-    """One layer's view of the page pool: k/v pages [P, G, K, H] (layout of `mobajax.pallas`)."""
+    """One layer's view of the page pool: k/v pages [P, G, K, H] (layout of `mobajax.pallas`).
+
+    k_sums [P, K, H] float32: each page's sum of the keys it holds (see
+    `mobajax.moba_masks.update_page_key_sums`), kept up to date by every write; the MoBA gate's
+    chunk means. Needed on MoBA layers only (None elsewhere).
+    """
 
     k_pages: jax.Array
     v_pages: jax.Array
     meta: PagedMetadata
+    k_sums: jax.Array | None = None
 
 
 def init_kv_cache(
@@ -165,6 +177,7 @@ def paged_attention_xla(
     scale: float,
     sliding_window: int | None = None,
     moba: MobaSpec | None = None,
+    k_sums: jax.Array | None = None,
 ) -> jax.Array:
     """Paged causal attention of a flat ragged batch in jax.numpy, memory-bounded.
 
@@ -172,8 +185,8 @@ def paged_attention_xla(
     page columns with an online softmax (natural base), gathering one page per token per
     iteration: memory O(T * G * K * H), no [T, S] score matrix. With `moba`, tokens of sequences
     that compute several tokens in this step (all tokens with `moba.decode`) attend to their
-    MoBA-selected chunks only (block_size must be a multiple of G); their chunk means are read
-    from the pool in a first pass.
+    MoBA-selected chunks only (block_size must be a multiple of G); the gate's chunk means come
+    from the pool's page key sums k_sums [P, K, H] float32 (required with `moba`).
     """
     t, n, h = q.shape
     g, kv_heads = k_pages.shape[1], k_pages.shape[2]
@@ -183,8 +196,9 @@ def paged_attention_xla(
     if moba is not None:
         if moba.block_size % g:
             raise ValueError(f"MoBA block_size {moba.block_size} must be a multiple of the page size {g}")
-        kv_len_of_token = meta.kv_lens[meta.token_seq]
-        kbar = paged_chunk_means(k_pages, pages_of_token, kv_len_of_token, moba.block_size)
+        if k_sums is None:
+            raise ValueError("MoBA needs the pool's page key sums (k_sums)")
+        kbar = paged_chunk_means(k_sums, meta.page_table, meta.kv_lens, moba.block_size, g)[meta.token_seq]
         selected = selected_chunk_mask(q, kbar, q_positions, moba)  # [T, N, C]
         q_lens = meta.cu_q_lens[1:] - meta.cu_q_lens[:-1]
         uses_moba = (q_lens[meta.token_seq] > 1) | moba.decode
@@ -227,20 +241,24 @@ def paged_attention_xla(
 def _attend_paged(q, k, v, positions, cache: PagedKVCache, spec: AttentionSpec, scale: float):
     """Flat batch: q [1, T, N, H], k/v [1, T, K, H], positions [1, T]."""
     meta = cache.meta
+    row = k.shape[2] * k.shape[3]
+    pallas_write = spec.impl == "pallas" and row & (row - 1) == 0  # the kernel needs K * H = 2^n
+    write = kv_write if pallas_write else kv_write_reference
+    k_pages, v_pages = write(cache.k_pages, cache.v_pages, k[0], v[0], meta.slots)
+    k_sums = cache.k_sums
+    if k_sums is not None:
+        k_sums = update_page_key_sums(k_sums, k_pages, meta.slots)
     if spec.impl == "pallas":
-        row = k.shape[2] * k.shape[3]
-        write = kv_write if row & (row - 1) == 0 else kv_write_reference  # the kernel needs K * H = 2^n
-        k_pages, v_pages = write(cache.k_pages, cache.v_pages, k[0], v[0], meta.slots)
         if meta.decode:
             out = paged_decode(q[0], k_pages, v_pages, meta.page_table, meta.kv_lens, scale=scale)
         else:
             out = paged_prefill(q[0], k_pages, v_pages, meta.page_table, meta.cu_q_lens, meta.kv_lens, scale=scale)
     else:
-        k_pages, v_pages = kv_write_reference(cache.k_pages, cache.v_pages, k[0], v[0], meta.slots)
         out = paged_attention_xla(
-            q[0], k_pages, v_pages, meta, positions[0], scale=scale, sliding_window=spec.sliding_window, moba=spec.moba
+            q[0], k_pages, v_pages, meta, positions[0], scale=scale, sliding_window=spec.sliding_window,
+            moba=spec.moba, k_sums=k_sums,
         )
-    return out[None], PagedKVCache(k_pages, v_pages, meta)
+    return out[None], PagedKVCache(k_pages, v_pages, meta, k_sums)
 
 
 def attend(

@@ -4,9 +4,11 @@ Same rule as `mobajax.moba` (the reference) and the project's MoBA spec: the own
 always selected, and of the complete chunks before it ((c + 1) * B <= p) the top_k - 1 with the
 highest gate score <q, mean(k of chunk)> (float32, no scale; ties: lower chunk index). Because
 candidates are complete chunks that end at or before the query, their means only ever need keys
-that are already in the cache.
+that are already in the cache. The paged path keeps per-page key sums beside the pool, so the gate
+builds a chunk's mean from block_size / G page sums and never reads the chunk's keys.
 
-Shape letters: X query tokens, N query heads, K kv heads, H head dim, C chunks, B block size.
+Shape letters: X query tokens, B sequences, N query heads, K kv heads, H head dim, C chunks,
+P pages, G page size.
 """
 
 from __future__ import annotations
@@ -75,23 +77,46 @@ def dense_key_mask(q: jax.Array, keys: jax.Array, q_positions: jax.Array, k_posi
     return jnp.take_along_axis(selected, key_chunk[:, None, None, :], axis=-1)
 
 
-def paged_chunk_means(k_pages: jax.Array, pages_of_token: jax.Array, kv_lens_of_token: jax.Array, block_size: int) -> jax.Array:
-    """Chunk means [X, C, K, H] float32 of each token's sequence, read from the page pool.
+def update_page_key_sums(k_sums: jax.Array, k_pages: jax.Array, slots: jax.Array) -> jax.Array:
+    """Refresh the key sums of the pages written at `slots`, after the write.
 
-    k_pages [P, G, K, H], pages_of_token [X, P_max], kv_lens_of_token [X]. Loops over the complete
-    chunks of the longest sequence, one page column at a time (memory O(X * C * K * H)).
+    k_sums [P, K, H] float32: page p's sum of the keys a sequence holds in it (offsets up to its
+    last written one). k_pages [P, G, K, H] (new keys already in), slots [T] int32 (-1: padding).
+    Each written page is summed again from the pool up to the highest offset written to it in this
+    step, so stale keys past it (a reused page) and stale sums never leak. Memory O(T * G * K * H).
     """
-    g, kv, h = k_pages.shape[1:]
-    x, p_max = pages_of_token.shape
-    per_chunk = block_size // g
-    num_chunks = -(-p_max * g // block_size)
-    complete = jnp.max(kv_lens_of_token) // block_size
+    num_pages, g = k_pages.shape[:2]
+    page, offset = jnp.maximum(slots, 0) // g, slots % g
+    target = jnp.where(slots < 0, num_pages, page)  # out of range -> dropped
+    last = jnp.full(num_pages, -1, jnp.int32).at[target].max(offset, mode="drop")
+    keys = k_pages[page].astype(jnp.float32)  # [T, G, K, H]
+    held = jnp.arange(g)[None, :] <= offset[:, None]  # [T, G]
+    sums = jnp.sum(jnp.where(held[:, :, None, None], keys, 0.0), axis=1)
+    is_last = offset == last[page]  # one writer per page
+    return k_sums.at[jnp.where(is_last, target, num_pages)].set(sums, mode="drop")
+
+
+def paged_chunk_means(
+    k_sums: jax.Array, page_table: jax.Array, kv_lens: jax.Array, block_size: int, page_size: int
+) -> jax.Array:
+    """Chunk means [B, C, K, H] float32 of each sequence, from the pool's page key sums.
+
+    k_sums [P, K, H] float32 (see `update_page_key_sums`), page_table [B, P_max], kv_lens [B];
+    block_size a multiple of page_size. Only the complete chunks of the longest sequence are
+    summed (the gate reads no other; a complete chunk holds block_size keys); the rest are zeros.
+    Loops over chunks and their pages, never reading a key: memory O(B * C * K * H).
+    """
+    b, p_max = page_table.shape
+    kv, h = k_sums.shape[1:]
+    per_chunk = block_size // page_size
+    num_chunks = -(-p_max * page_size // block_size)
+    complete = jnp.max(kv_lens) // block_size
 
     def chunk_sum(c, kbar):
         def add_page(i, acc):
-            return acc + jnp.sum(k_pages[pages_of_token[:, c * per_chunk + i]].astype(jnp.float32), axis=1)
+            return acc + k_sums[page_table[:, c * per_chunk + i]]
 
-        total = jax.lax.fori_loop(0, per_chunk, add_page, jnp.zeros((x, kv, h), jnp.float32))
+        total = jax.lax.fori_loop(0, per_chunk, add_page, jnp.zeros((b, kv, h), jnp.float32))
         return jax.lax.dynamic_update_slice(kbar, (total / block_size)[:, None], (0, c, 0, 0))
 
-    return jax.lax.fori_loop(0, complete, chunk_sum, jnp.zeros((x, num_chunks, kv, h), jnp.float32))
+    return jax.lax.fori_loop(0, complete, chunk_sum, jnp.zeros((b, num_chunks, kv, h), jnp.float32))

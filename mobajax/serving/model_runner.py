@@ -1,6 +1,7 @@
 """The page pool and the jitted steps that run the model over it.
 
-The pool is allocated once (one [P, G, K, H] k/v pair per layer) and donated through every jitted
+The pool is allocated once (per layer a [P, G, K, H] k/v pair, plus the page key sums [P, K, H]
+float32 that the MoBA gate reads on MoBA layers, None elsewhere) and donated through every jitted
 call, so it is updated in place and never copied. Two compiled step kinds, each on bucketed shapes
 (powers of two) so recompilation is bounded:
 
@@ -19,11 +20,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mobajax.attention import PagedKVCache, PagedMetadata
 from mobajax.serving.sampler import Sampled, SamplingArrays, sample, stops
 
-Pools = tuple[tuple[jax.Array, jax.Array], ...]
+Pools = tuple[tuple[jax.Array, jax.Array, jax.Array | None], ...]  # per layer (k, v, k_sums)
 
 
 def next_power_of_two(n: int) -> int:
@@ -39,17 +41,17 @@ class Flags(NamedTuple):
 
 
 def _copy_pages(pools: Pools, src: jax.Array, dst: jax.Array) -> Pools:
-    """Copy-on-write: page src[i] -> dst[i] in every layer (dst < 0: no copy). An in-place
-    scatter of a few pages into the donated pool (no conditional: that would copy the pool)."""
+    """Copy-on-write: page src[i] -> dst[i] (k, v and key sums) in every layer (dst < 0: no copy).
+    An in-place scatter of a few pages into the donated pool (no conditional: that would copy it)."""
     num_pages = pools[0][0].shape[0]
     target = jnp.where(dst < 0, num_pages, dst)
-    return tuple((k.at[target].set(k[src], mode="drop"), v.at[target].set(v[src], mode="drop")) for k, v in pools)
+    return jax.tree.map(lambda x: x.at[target].set(x[src], mode="drop"), pools)
 
 
 def _forward(module, params, pools: Pools, tokens, positions, meta: PagedMetadata, logits_index):
-    caches = tuple(PagedKVCache(k, v, meta) for k, v in pools)
+    caches = tuple(PagedKVCache(k, v, meta, k_sums) for k, v, k_sums in pools)
     logits, caches = module.apply({"params": params}, tokens[None], positions[None], caches, logits_index)
-    return logits[0], tuple((c.k_pages, c.v_pages) for c in caches)
+    return logits[0], tuple((c.k_pages, c.v_pages, c.k_sums) for c in caches)
 
 
 def _step(module, params, pools, copy_src, copy_dst, tokens, positions, meta, logits_index, arrays, *, flags: Flags):
@@ -102,13 +104,20 @@ class ModelRunner:
     page_size: int
     max_model_len: int
     dtype: Any
-    pool_sharding: Any = None  # e.g. kv heads over the mesh's `tensor` axis; None: default device
+    pool_sharding: Any = None  # NamedSharding of the k/v pools, e.g. kv heads over `tensor`; None: default device
 
     def __post_init__(self):
         c = self.module.config
         shape = (self.num_pages, self.page_size, c.num_kv_heads, c.head_dim)
         zeros = functools.partial(jnp.zeros, shape, self.dtype, device=self.pool_sharding)
-        self.pools: Pools = tuple((zeros(), zeros()) for _ in range(c.num_layers))
+        sums_sharding = self.pool_sharding
+        if sums_sharding is not None:  # the pool's sharding without its page-slot axis
+            spec = sums_sharding.spec
+            sums_sharding = NamedSharding(sums_sharding.mesh, PartitionSpec(*spec[:1], *spec[2:]))
+        sums = functools.partial(jnp.zeros, (self.num_pages, *shape[2:]), jnp.float32, device=sums_sharding)
+        self.pools: Pools = tuple(
+            (zeros(), zeros(), None if c.attention_spec(i).moba is None else sums()) for i in range(c.num_layers)
+        )
         self.pages_per_seq = -(-self.max_model_len // self.page_size)
         self._step = jax.jit(functools.partial(_step, self.module), static_argnames=("flags",), donate_argnums=(1,))
         self._decode = jax.jit(
@@ -117,8 +126,10 @@ class ModelRunner:
 
     @staticmethod
     def page_bytes(config, page_size: int, dtype) -> int:
-        """Bytes of one page across all layers (k and v)."""
-        return 2 * config.num_layers * page_size * config.num_kv_heads * config.head_dim * jnp.dtype(dtype).itemsize
+        """Bytes of one page across all layers (k and v, and the key sums of MoBA layers)."""
+        kv = 2 * config.num_layers * page_size * jnp.dtype(dtype).itemsize
+        sums = 4 * sum(config.attention_spec(i).moba is not None for i in range(config.num_layers))  # float32
+        return (kv + sums) * config.num_kv_heads * config.head_dim
 
     def step(self, copies, tokens, positions, meta: PagedMetadata, logits_index, arrays: SamplingArrays, flags: Flags) -> Sampled:
         width = max(len(logits_index), next_power_of_two(len(copies)))

@@ -15,7 +15,7 @@ CHECK = textwrap.dedent(
     import sys, tempfile
     import jax
     assert len(jax.devices()) == 8
-    from mobajax.models import load_pretrained
+    from mobajax.models import MobaConfig, load_pretrained, with_moba
     from mobajax.serving.config import EngineConfig
     from mobajax.serving.engine import LLMEngine
     from mobajax.serving.sampling_params import SamplingParams
@@ -31,15 +31,17 @@ CHECK = textwrap.dedent(
         done = {}
         while engine.has_unfinished_requests():
             done.update({o.request_id: o for o in engine.step() if o.finished})
-        if parallel:
-            sharding = engine.runner.pools[0][0].sharding
-            assert len(sharding.device_set) == engine.config.tensor_parallel_size * engine.config.expert_parallel_size
+        if parallel:  # k/v pages and key sums alike
+            devices = engine.config.tensor_parallel_size * engine.config.expert_parallel_size
+            assert all(len(pool.sharding.device_set) == devices for pool in jax.tree.leaves(engine.runner.pools))
         return [done[str(i)].outputs[0].token_ids for i in range(3)]
 
     dense = tempfile.mkdtemp()
     make_checkpoint(dense, "llama", tied=False)
     model = load_pretrained(dense)
     assert outputs(model, tensor_parallel_size=2) == outputs(model)
+    moba = with_moba(model, MobaConfig(block_size=8, top_k=2, full_attention_layers=(0,)))
+    assert outputs(moba, tensor_parallel_size=2) == outputs(moba)
     try:
         outputs(model, tensor_parallel_size=16)
     except ValueError as err:
