@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt + output tokens per request (default: the model's maximum)")
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="turn off prefix caching (on by default)")
+    p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                   help="read each fused decode's tokens before dispatching the next (async is on by default)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="skip compiling the step buckets at start (they compile on first use)")
     p.add_argument("--compilation-cache-dir", default=os.path.join(cache_dir(), "jax"),
@@ -86,7 +88,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, EngineConfig]:
             dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
             gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-            enable_prefix_caching=args.enable_prefix_caching, warmup=args.warmup,
+            enable_prefix_caching=args.enable_prefix_caching, warmup=args.warmup, async_scheduling=args.async_scheduling,
             tensor_parallel_size=args.tensor_parallel_size, expert_parallel_size=args.expert_parallel_size,
         )
     except ValueError as err:  # EngineConfig names the field; give the flag's name instead

@@ -108,10 +108,14 @@ def step_inputs(out: SchedulerOutput, page_size: int, pages_per_seq: int, max_ro
     )
 
 
-def decode_inputs(seqs: list[Sequence], steps: list[int], num_steps: int, page_size: int, pages_per_seq: int):
+def decode_inputs(
+    seqs: list[Sequence], steps: list[int], num_steps: int, page_size: int, pages_per_seq: int, offset: int = 0
+):
     """(tokens, positions, slots [num_steps, R], page_table, remaining) for a fused decode.
 
-    steps[b]: decode steps sequence b may take (its pages are reserved for them).
+    steps[b]: decode steps sequence b may take (its pages are reserved for them). offset: the call
+    starts that many tokens past each sequence's computed ones (a call chained after one whose
+    tokens the host has not seen yet); its input tokens are then unknown here (zeros).
     """
     rows = next_power_of_two(len(seqs))
     tokens = np.zeros(rows, np.int32)
@@ -120,8 +124,10 @@ def decode_inputs(seqs: list[Sequence], steps: list[int], num_steps: int, page_s
     slots = np.full((num_steps, rows), -1, np.int32)
     page_table = np.zeros((rows, pages_per_seq), np.int32)
     for b, (seq, k) in enumerate(zip(seqs, steps)):
-        start = seq.num_computed
-        tokens[b], positions[b], remaining[b] = seq.token_ids[start], start, k
+        start = seq.num_computed + offset
+        positions[b], remaining[b] = start, k
+        if not offset:
+            tokens[b] = seq.token_ids[start]
         page_table[b, : len(seq.pages)] = seq.pages
         for i in range(k):
             p = start + i

@@ -15,6 +15,8 @@ class EngineConfig:
     per step (prefill chunks + decodes). max_model_len: prompt + output tokens per request (None =
     the model's maximum). enable_prefix_caching: reuse full cached pages across requests.
     decode_steps: decode steps fused into one jitted call when no admission is pending.
+    async_scheduling: while the batch stays the same, dispatch the next fused decode before
+      reading the current one's tokens, so host work overlaps the device (vLLM's name).
     warmup: compile every step bucket when the engine starts (else on first use).
     tensor_parallel_size, expert_parallel_size: shard the model over that many devices (see
     `mobajax.parallel`): attention heads, MLP columns and the KV pool's kv heads over `tensor`,
@@ -30,6 +32,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     decode_steps: int = 8
+    async_scheduling: bool = True
     seed: int = 0
     warmup: bool = True
     tensor_parallel_size: int = 1

@@ -14,6 +14,7 @@ import dataclasses
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -27,7 +28,7 @@ from mobajax.serving.block_manager import BlockManager
 from mobajax.serving.config import EngineConfig
 from mobajax.serving.model_runner import Flags, ModelRunner, next_power_of_two
 from mobajax.serving.outputs import EngineStats, Logprob, RequestMetrics, RequestOutput
-from mobajax.serving.sampler import Sampled
+from mobajax.serving.sampler import Sampled, SamplingArrays
 from mobajax.serving.sampling_params import SamplingParams
 from mobajax.serving.scheduler import ScheduledSeq, Scheduler
 from mobajax.serving.sequence import IncrementalDetokenizer, Request, Sequence, Status
@@ -49,6 +50,18 @@ class StepTimes:
 
     def total(self) -> float:
         return self.schedule + self.inputs + self.device + self.outputs
+
+
+@dataclasses.dataclass
+class InFlightDecode:
+    """A dispatched fused decode whose sampled ids (device arrays) the host has not read yet."""
+
+    seqs: list[Sequence]
+    steps: list[int]
+    num_steps: int
+    arrays: SamplingArrays
+    flags: Flags
+    sampled: Sampled
 
 
 class LLMEngine:
@@ -93,6 +106,8 @@ class LLMEngine:
         self.stats_counters = EngineStats()
         self._rng = np.random.default_rng(config.seed)
         self.times = StepTimes()
+        self._in_flight: InFlightDecode | None = None
+        self.num_chained_decodes = 0  # fused decodes dispatched before the previous one's results were read
 
     @classmethod
     def from_pretrained(
@@ -206,19 +221,33 @@ class LLMEngine:
 
     # -- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; returns the outputs of the requests it advanced."""
+        """Run one scheduling step; returns the outputs of the requests it advanced.
+
+        With async scheduling, a fused decode may already be in flight (dispatched by the previous
+        step before it read its own results): then this step collects it instead of scheduling."""
         start = time.perf_counter()
-        out = self.scheduler.schedule()
-        decodes = None if out.is_empty else self._fused_decode_plan(out)
+        flight, self._in_flight = self._in_flight, None
+        if flight is not None and all(seq.finish_reason is not None for seq in flight.seqs):
+            flight = None  # every sequence finished (or was aborted) meanwhile: nothing to collect
+        out = decodes = None
+        if flight is None:
+            out = self.scheduler.schedule()
+            decodes = None if out.is_empty else self._fused_decode_plan(out)
         scheduled = time.perf_counter()
         self.times.schedule += scheduled - start
-        if out.is_empty:
+        if flight is None and out.is_empty:
             return []
-        for item in out.scheduled:
-            if item.seq.request.metrics.first_scheduled_time is None:
-                item.seq.request.metrics.first_scheduled_time = time.monotonic()
         inputs, device = self.times.inputs, self.times.device
-        touched = self._run_decode(*decodes) if decodes is not None else self._run_step(out)
+        if flight is not None:
+            touched = self._complete(flight)
+        elif decodes is not None:
+            touched = self._run_decode(*decodes)
+        else:
+            now = time.monotonic()
+            for item in out.scheduled:
+                if item.seq.request.metrics.first_scheduled_time is None:
+                    item.seq.request.metrics.first_scheduled_time = now
+            touched = self._run_step(out)
         outputs = self._collect(touched)
         run = time.perf_counter() - scheduled
         self.times.outputs += run - (self.times.inputs - inputs) - (self.times.device - device)
@@ -275,26 +304,69 @@ class LLMEngine:
 
     def _run_decode(self, seqs: list[Sequence], steps: list[int], num_steps: int) -> set[Request]:
         start = time.perf_counter()
+        now = time.monotonic()
+        for seq in seqs:
+            if seq.request.metrics.first_scheduled_time is None:
+                seq.request.metrics.first_scheduled_time = now
         tokens, positions, slots, page_table, remaining = batch.decode_inputs(
             seqs, steps, num_steps, self.config.page_size, self.runner.pages_per_seq
         )
         flags = batch.flags_for(seqs)
         arrays = batch.sampling_arrays(seqs, len(tokens), [self._stop_ids(s) for s in seqs], self.model_config.vocab_size, flags)
-        dispatch = time.perf_counter()
-        self.times.inputs += dispatch - start
-        sampled = jax.device_get(self.runner.decode(tokens, positions, slots, page_table, remaining, arrays, flags, num_steps))
-        self.times.device += time.perf_counter() - dispatch
-        for b, seq in enumerate(seqs):
+        sampled = self.runner.decode(tokens, positions, slots, page_table, remaining, arrays, flags, num_steps)
+        self.times.inputs += time.perf_counter() - start
+        return self._complete(InFlightDecode(seqs, steps, num_steps, arrays, flags, sampled))
+
+    def _chain(self, flight: InFlightDecode) -> InFlightDecode | None:
+        """Dispatch the next fused decode of the same sequences before `flight`'s results are read,
+        from its last sampled tokens on the device, when nothing can change the batch: async
+        scheduling, no request waiting, every sequence ran all steps and may run as many again,
+        no penalties (their token counts live on the host), and pages for the look-ahead.
+
+        A sequence that stops during `flight` still runs in the chained call; its tokens are
+        dropped when collected, and its writes land in pages it owns until then (any later owner
+        writes them after this call, in device order)."""
+        k = flight.num_steps
+        seqs = flight.seqs
+        if (
+            not self.config.async_scheduling or self.scheduler.waiting or flight.flags.use_penalties
+            or any(steps != k for steps in flight.steps)
+            or any(seq.finish_reason is not None or self._allowed(seq) < 2 * k for seq in seqs)
+        ):
+            return None
+        start = time.perf_counter()
+        copies: list[tuple[int, int]] = []
+        if not all(self.scheduler.reserve(seq, 2 * k, copies) for seq in seqs):
+            return None
+        assert not copies, "the chained call's pages are fresh"
+        _, positions, slots, page_table, _ = batch.decode_inputs(
+            seqs, flight.steps, k, self.config.page_size, self.runner.pages_per_seq, offset=k
+        )
+        last = flight.sampled.tokens[k - 1]  # -1 where the row stopped before its last step
+        remaining = jnp.where(last >= 0, k, 0).astype(jnp.int32)
+        arrays = flight.arrays._replace(counters=flight.arrays.counters + k)
+        sampled = self.runner.decode(last, positions, slots, page_table, remaining, arrays, flight.flags, k)
+        self.times.inputs += time.perf_counter() - start
+        self.num_chained_decodes += 1
+        return InFlightDecode(seqs, flight.steps, k, arrays, flight.flags, sampled)
+
+    def _complete(self, flight: InFlightDecode) -> set[Request]:
+        """Chain the next call if allowed, then wait for `flight`'s tokens and append them."""
+        self._in_flight = self._chain(flight)
+        start = time.perf_counter()
+        sampled = jax.device_get(flight.sampled)
+        self.times.device += time.perf_counter() - start
+        for b, seq in enumerate(flight.seqs):
             first = seq.num_computed
             taken = 0
-            for i in range(num_steps):
+            for i in range(flight.num_steps):
                 if sampled.tokens[i, b] < 0 or seq.finish_reason is not None:
                     break
                 self._append(seq, sampled, (i, b))
                 taken += 1
             if seq.status is not Status.FINISHED:
                 self.scheduler.advance(ScheduledSeq(seq, first, taken))
-        return {seq.request for seq in seqs}
+        return {seq.request for seq in flight.seqs}
 
     def _append(self, seq: Sequence, sampled: Sampled, at: tuple[int, ...]) -> None:
         token = int(sampled.tokens[at])

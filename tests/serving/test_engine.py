@@ -249,3 +249,44 @@ def test_random_workload_in_a_tiny_pool(model, seed):
     stats = eng.stats()
     assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0  # the workload exercises both
     assert eng.blocks.num_free == eng.blocks.num_pages and all(r == 0 for r in eng.blocks.ref_counts)
+
+
+def test_async_scheduling_chains_decodes_without_changing_outputs(model, token_prompts, alone):
+    """Chained fused decodes (dispatched before the previous call's tokens are read) give the same
+    tokens as synchronous steps for greedy, seeded, stop-string, stop-token, EOS, min_tokens and
+    logprob requests, and leave every page free."""
+    stop = model.tokenizer.decode(alone[0])[10:13]
+    params = [
+        SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+        SamplingParams(temperature=0.9, top_p=0.8, seed=7, max_tokens=37, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0, max_tokens=40, stop=[stop], ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[alone[3][9]], ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=3, max_tokens=33, min_tokens=30),
+    ]
+    results = {}
+    for chained in (False, True):
+        eng = engine(model, async_scheduling=chained)
+        done = run(eng, token_prompts, params)
+        results[chained] = [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in
+                            (done[str(i)] for i in range(len(params)))]
+        assert (eng.num_chained_decodes > 0) == chained
+        assert eng.blocks.num_free == eng.blocks.num_pages and all(r == 0 for r in eng.blocks.ref_counts)
+    assert results[True] == results[False]
+    assert results[True][0][0][:20] == alone[0] and results[True][2][2] == "stop"
+
+
+def test_abort_while_a_chained_decode_is_in_flight(model, token_prompts):
+    eng = engine(model)
+    for i in range(2):
+        eng.add_request(str(i), token_prompts[i], SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
+    while eng._in_flight is None:
+        eng.step()
+    final = eng.abort_request("0")
+    assert final.finished and final.outputs[0].finish_reason == "abort"
+    done = {}
+    while eng.has_unfinished_requests():
+        done.update({o.request_id: o for o in eng.step() if o.finished})
+    assert "0" not in done and len(done["1"].outputs[0].token_ids) == 60
+    want = list(generate_tokens(model, token_prompts[1], max_tokens=60, stop_ids=()))
+    assert done["1"].outputs[0].token_ids == want
+    assert eng.blocks.num_free == eng.blocks.num_pages

@@ -43,6 +43,7 @@ def test_compilation_cache_flag():
     args, _ = parse_args([])
     assert args.compilation_cache_dir == os.path.join(cache_dir(), "jax")
     assert parse_args(["--compilation-cache-dir", ""])[0].compilation_cache_dir == ""
+    assert parse_args([])[1].async_scheduling and not parse_args(["--no-async-scheduling"])[1].async_scheduling
 
 
 def test_models_health_tokenize(server):
