@@ -39,9 +39,10 @@ CPU_POOL_BYTES = 2 << 30  # default KV pool on a CPU: 2 GiB
 @dataclasses.dataclass
 class StepTimes:
     """Cumulative wall seconds of `LLMEngine.step` by phase: `schedule` (scheduler, decode
-    look-ahead), `inputs` (index and sampling arrays built on the host), `device` (from dispatching
-    the jitted call until its sampled ids are on the host), `outputs` (appending tokens, stop
-    checks, detokenising, building the outputs). All but `device` are host work."""
+    look-ahead), `inputs` (index and sampling arrays built on the host; for fused decodes also the
+    dispatch of the jitted call, which returns before the device finishes on a GPU), `device`
+    (waiting until the sampled ids are on the host), `outputs` (appending tokens, stop checks,
+    detokenising, building the outputs)."""
 
     schedule: float = 0.0
     inputs: float = 0.0
