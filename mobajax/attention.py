@@ -97,8 +97,8 @@ class PagedKVCache(NamedTuple):
     """One layer's view of the page pool: k/v pages [P, G, K, H] (layout of `mobajax.pallas`).
 
     k_sums [P, K, H] float32: each page's sum of the keys it holds (see
-    `mobajax.moba_masks.update_page_key_sums`), kept up to date by every write; the MoBA gate's
-    chunk means. Needed on MoBA layers only (None elsewhere).
+    `mobajax.moba_masks.update_page_key_sums`), kept up to date by every write; the MoBA gate
+    builds its chunk means from them. Needed on MoBA layers only (None elsewhere).
     """
 
     k_pages: jax.Array
