@@ -138,6 +138,7 @@ class SparseMoE(nn.Module):
         flat = x.reshape(b * t, d)
         logits = flat.astype(jnp.float32) @ router.astype(jnp.float32)
         weights, chosen = route(logits, c.top_k, c.norm_topk_prob)
+        self.sow("intermediates", "chosen_experts", chosen)  # [B * T, top_k], with mutable=["intermediates"]
         if self.mesh is None:
             out = run_experts(flat, weights, chosen, gate, up, down, impl=c.impl)
         else:

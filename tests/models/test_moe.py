@@ -210,9 +210,11 @@ def test_static_routing_router_forced(norm):
     weights, experts = route(jnp.zeros((9, 6)), 2, norm)
     np.testing.assert_array_equal(np.asarray(experts), [[0, 1]] * 9)
     np.testing.assert_allclose(np.asarray(weights), 0.5 if norm else 1 / 6, rtol=1e-6)
-    ours = SparseMoE(config).apply({"params": params}, x)
+    ours, state = SparseMoE(config).apply({"params": params}, x, mutable=["intermediates"])
     np.testing.assert_allclose(np.asarray(ours), _naive_moe(params, x, config, np.full((9, 6), 1 / 6)),
                                rtol=1e-4, atol=1e-5)
+    (chosen,) = state["intermediates"]["chosen_experts"]  # the routing, for benchmarks and analysis
+    np.testing.assert_array_equal(np.asarray(chosen), [[0, 1]] * 9)
 
 
 @pytest.mark.parametrize("shared", [0, 24])
