@@ -298,7 +298,7 @@ def main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     if jax.default_backend() != "gpu":
-        print("kernels benchmark needs a GPU (jax backend is %r)" % jax.default_backend())
+        print(f"kernels benchmark needs a GPU (jax backend is {jax.default_backend()!r})")
         return 2
     only = set(args.only or ("decode", "prefill", "write"))
     os.makedirs(args.out, exist_ok=True)

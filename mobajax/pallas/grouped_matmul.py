@@ -268,7 +268,7 @@ def grouped_matmul_mosaic(
                         rows //= 2
 
                         @pl.when(size & step != 0)
-                        def _():
+                        def _(offset=offset, step=step):  # traced right here: bind this iteration's values
                             mgpu.copy_smem_to_gmem(
                                 o_smem.at[pl.ds(offset, step)],
                                 o_ref.at[pl.ds(tile * c.block_m + offset, step), pl.ds(ni * c.block_n, c.block_n)],
