@@ -21,6 +21,12 @@ EXPECTED = {
         "expert-parallel logits equal one device: True",
         "expert-parallel greedy tokens: True",
     ),
+    "03_moba.ipynb": (
+        "reference equals dense mask: True",
+        "perplexity MoBA, last 3 layers full",
+        "MoBA prefill ->",
+        "loss went down: True",
+    ),
 }
 
 
