@@ -60,19 +60,26 @@ def timeit(fn, *args, iters: int = 10, reps: int = 5) -> float:
     return statistics.median(times)
 
 
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
 def copy_bandwidth() -> float:
-    """Bytes read + written per second of a 2 GiB device-to-device elementwise copy."""
-    x = jnp.ones((1 << 30,), jnp.bfloat16)
+    """Bytes read + written per second of a device-to-device elementwise copy: 2 GiB on a GPU
+    (64 MiB elsewhere, where the figure only feeds smoke runs)."""
+    x = jnp.ones(((1 << 30) if _on_gpu() else (1 << 25),), jnp.bfloat16)
     seconds = timeit(jax.jit(lambda a: a + 1), x, iters=20)
     return 2 * x.nbytes / seconds
 
 
 def matmul_rate() -> float:
-    """FLOP/s of a bf16 8192^3 matrix product on random data (float32 accumulation)."""
-    a = jax.random.normal(jax.random.key(9), (8192, 8192), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(8), (8192, 8192), jnp.bfloat16)
+    """FLOP/s of a bf16 n^3 matrix product on random data (float32 accumulation): n = 8192 on a
+    GPU (1024 elsewhere)."""
+    n = 8192 if _on_gpu() else 1024
+    a = jax.random.normal(jax.random.key(9), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(8), (n, n), jnp.bfloat16)
     seconds = timeit(jax.jit(lambda x, y: x @ y), a, b, iters=20)
-    return 2 * 8192**3 / seconds
+    return 2 * n**3 / seconds
 
 
 def rel_err(a, b) -> float:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mobajax.bench.kernels import copy_bandwidth, rel_err, timeit
+from mobajax.bench.kernels import copy_bandwidth, matmul_rate, rel_err, timeit
 from mobajax.pallas.grouped_matmul import (
     GroupedMatmulConfig,
     GroupedMatmulMosaicConfig,
@@ -52,13 +52,6 @@ MOSAIC_CONFIGS = (
                               skip_empty=False),
 )
 TRITON_CONFIGS = (GroupedMatmulConfig(), GroupedMatmulConfig(block_m=128, block_n=128, block_k=64, num_warps=8))
-
-
-def matmul_rate() -> float:
-    """bf16 FLOP/s of one 8192^3 matmul (the ceiling of the grouped GEMMs)."""
-    a = jnp.ones((8192, 8192), DTYPE)
-    seconds = timeit(jax.jit(lambda x, y: x @ y), a, a, iters=10)
-    return 2 * 8192**3 / seconds
 
 
 def _group_sizes(rows: int, experts: int, equal: bool) -> jax.Array:
