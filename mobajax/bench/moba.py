@@ -46,13 +46,6 @@ def _time(fn, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _matmul_rate(jax, jnp) -> float:
-    a = jax.random.normal(jax.random.PRNGKey(0), (8192, 8192), jnp.bfloat16)
-    b = jax.random.normal(jax.random.PRNGKey(1), (8192, 8192), jnp.bfloat16)
-    f = jax.jit(lambda a, b: a @ b)
-    return 2 * 8192**3 / _time(lambda: f(a, b).block_until_ready(), 10)
-
-
 def _flex(s, block, top_k, heads, kv_heads, head_dim, reps):
     """torch flex_attention with per-128-query-tile MoBA block mask; seconds or an error string."""
     try:
@@ -315,11 +308,12 @@ def main(argv: list[str]) -> int:
     import jax
     import jax.numpy as jnp
 
+    from mobajax.bench.kernels import matmul_rate
     from mobajax.pallas.moba_attention import MobaConfig
 
     knobs = ("block_q", "block_k", "num_warps", "num_stages", "gate_block_q", "gate_num_warps")
     config = MobaConfig(**{x: getattr(args, x) for x in knobs if getattr(args, x)})
-    matmul = _matmul_rate(jax, jnp)
+    matmul = matmul_rate()
     rows = []
     for name in names:
         s, block, top_k = CASES[name]
