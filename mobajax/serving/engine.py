@@ -14,7 +14,6 @@ import dataclasses
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -340,11 +339,10 @@ class LLMEngine:
         if not all(self.scheduler.reserve(seq, 2 * k, copies) for seq in seqs):
             return None
         assert not copies, "the chained call's pages are fresh"
-        _, positions, slots, page_table, _ = batch.decode_inputs(
+        _, positions, slots, page_table, remaining = batch.decode_inputs(
             seqs, flight.steps, k, self.config.page_size, self.runner.pages_per_seq, offset=k
         )
-        last = flight.sampled.tokens[k - 1]  # -1 where the row stopped before its last step
-        remaining = jnp.where(last >= 0, k, 0).astype(jnp.int32)
+        last = flight.sampled.tokens[k - 1]  # -1 where the row stopped before its last step: it stays stopped
         arrays = flight.arrays._replace(counters=flight.arrays.counters + k)
         sampled = self.runner.decode(last, positions, slots, page_table, remaining, arrays, flight.flags, k)
         self.times.inputs += time.perf_counter() - start

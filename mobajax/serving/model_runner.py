@@ -85,7 +85,7 @@ def _decode(module, params, pools, tokens, positions, slots, page_table, remaini
         jnp.zeros((num_steps, rows, k), jnp.int32),
         jnp.zeros((num_steps, rows, k), jnp.float32),
     )
-    init = (pools, tokens, remaining > 0, arrays.counts, out)
+    init = (pools, tokens, (remaining > 0) & (tokens >= 0), arrays.counts, out)  # token < 0: a stopped row
     pools, _, _, _, out = jax.lax.fori_loop(0, num_steps, body, init)
     return pools, out
 
