@@ -106,9 +106,10 @@ def run_requests(engine, prompts: list[list[int]], outputs: list[int]) -> dict:
     window_start, generated_before = None, 0
     while engine.has_unfinished_requests():
         engine.step()
-        seqs = [s for r in engine.requests.values() for s in r.seqs]
-        if window_start is None and len(engine.requests) == len(prompts) and all(s.num_generated for s in seqs):
-            window_start, generated_before = time.perf_counter(), sum(s.num_generated for s in seqs)
+        if window_start is None and len(engine.requests) == len(prompts):
+            seqs = [s for r in engine.requests.values() for s in r.seqs]
+            if all(s.num_generated for s in seqs):
+                window_start, generated_before = time.perf_counter(), sum(s.num_generated for s in seqs)
     seconds = time.perf_counter() - start
     window = time.perf_counter() - window_start if window_start else None
     total_out = sum(outputs)
