@@ -60,18 +60,23 @@ class PagedDecodeConfig:
 def paged_decode_kernel(
     lengths_ref,  # [B] int32
     page_table_ref,  # [P_max] int32, this sequence's row
-    q_ref,  # [M, H], M = padded query heads of this kv head
+    q_ref,  # [N, H], this sequence's query heads
     k_pages_ref,  # [P, G, H], this kv head
     v_pages_ref,  # [P, G, H], this kv head
-    o_ref,  # [M, H]
-    lse_ref,  # [M] float32
+    o_ref,  # [N, H]
+    lse_ref,  # [N] float32
     *,
     scale: float,
     pages_per_block: int,
     num_splits: int,
+    group: int,
+    rows: int,
 ):
-    b, split = pl.program_id(0), pl.program_id(2)
-    rows, head_dim = q_ref.shape
+    """One (sequence, kv head, split): the kv head's `group` query heads, read and written as
+    `rows` (a power of two >= 16, what the dot needs) with the rows past the group masked, so
+    q and out need no padded copies outside the kernel."""
+    b, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    head_dim = q_ref.shape[1]
     page_size = k_pages_ref.shape[1]
     block_kv = pages_per_block * page_size
     length = lengths_ref[b]
@@ -80,7 +85,10 @@ def paged_decode_kernel(
     per_split = (num_blocks + num_splits - 1) // num_splits
     first = split * per_split
     last = jnp.minimum(first + per_split, num_blocks)
-    q = q_ref[...]
+    heads = kv_head * group + jnp.arange(rows)
+    in_group = jnp.arange(rows) < group
+    tile = (heads[:, None], jnp.arange(head_dim)[None, :])  # [rows, H] indices (masked loads need arrays)
+    q = plgpu.load(q_ref.at[tile], mask=in_group[:, None], other=0)
 
     def body(i, state):
         page_idx = i * pages_per_block + jnp.arange(pages_per_block)
@@ -96,8 +104,8 @@ def paged_decode_kernel(
 
     state = lax.fori_loop(first, last, body, osm.init_state(rows, head_dim))
     out, lse = osm.finalize(state)
-    o_ref[...] = out.astype(o_ref.dtype)
-    lse_ref[...] = lse
+    plgpu.store(o_ref.at[tile], out.astype(o_ref.dtype), mask=in_group[:, None])
+    plgpu.store(lse_ref.at[heads], lse, mask=in_group)
 
 
 def check_pool(q, k_pages, v_pages, q_shape: str) -> None:
@@ -173,11 +181,10 @@ def paged_decode(
     ppb = max(1, kv_tile(config.block_kv, h, q.dtype) // g)
     max_blocks = -(-page_table.shape[1] // ppb)
     splits = config.num_splits or auto_num_splits(b, kv_heads, max_blocks)
-    q4 = jnp.pad(q.reshape(b, kv_heads, gq, h), ((0, 0), (0, 0), (0, rows - gq), (0, 0)))
     part_dtype = q.dtype if splits == 1 else jnp.float32
 
     kernel = functools.partial(
-        paged_decode_kernel, scale=scale, pages_per_block=ppb, num_splits=splits
+        paged_decode_kernel, scale=scale, pages_per_block=ppb, num_splits=splits, group=gq, rows=rows
     )
     pool_spec = pl.BlockSpec((k_pages.shape[0], g, None, h), lambda bi, ki, si: (0, 0, ki, 0))
     out, lse = pl.pallas_call(
@@ -186,26 +193,24 @@ def paged_decode(
         in_specs=[
             pl.BlockSpec((b,), lambda bi, ki, si: (0,)),
             pl.BlockSpec((None, page_table.shape[1]), lambda bi, ki, si: (bi, 0)),
-            pl.BlockSpec((None, None, rows, h), lambda bi, ki, si: (bi, ki, 0, 0)),
+            pl.BlockSpec((None, n, h), lambda bi, ki, si: (bi, 0, 0)),
             pool_spec,
             pool_spec,
         ],
-        out_specs=[
-            pl.BlockSpec((None, None, None, rows, h), lambda bi, ki, si: (si, bi, ki, 0, 0)),
-            pl.BlockSpec((None, None, None, rows), lambda bi, ki, si: (si, bi, ki, 0)),
+        out_specs=[  # every kv head's program writes its own rows of the sequence's block
+            pl.BlockSpec((None, None, n, h), lambda bi, ki, si: (si, bi, 0, 0)),
+            pl.BlockSpec((None, None, n), lambda bi, ki, si: (si, bi, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((splits, b, kv_heads, rows, h), part_dtype),
-            jax.ShapeDtypeStruct((splits, b, kv_heads, rows), jnp.float32),
+            jax.ShapeDtypeStruct((splits, b, n, h), part_dtype),
+            jax.ShapeDtypeStruct((splits, b, n), jnp.float32),
         ],
         compiler_params=plgpu.CompilerParams(
             num_warps=config.num_warps, num_stages=config.num_stages
         ),
         interpret=interpret,
         name="paged_decode",
-    )(lengths, page_table, q4, k_pages, v_pages)
-    out = out[:, :, :, :gq].reshape(splits, b, n, h)
-    lse = lse[:, :, :, :gq].reshape(splits, b, n)
+    )(lengths, page_table, q, k_pages, v_pages)
     if splits == 1:
         out, lse = out[0], lse[0]
     else:

@@ -283,6 +283,11 @@ class LLMEngine:
             return by_len
         return min(by_len, seq.params.max_tokens - seq.num_generated)
 
+    def _worth_fusing(self, useful_steps: int) -> bool:
+        """A fused call always runs decode_steps steps; with fewer useful ones left it still beats
+        single steps (a host round trip each, and the general attention path) when over half are."""
+        return 2 * useful_steps > self.config.decode_steps
+
     def _fused_decode_plan(self, out):
         """(seqs, steps per seq, num_steps) when several decode steps can run in one call."""
         k = self.config.decode_steps
@@ -291,7 +296,7 @@ class LLMEngine:
         if any(item.count != 1 or not item.sample for item in out.scheduled):
             return None
         seqs = [item.seq for item in out.scheduled]
-        if max(self._allowed(s) for s in seqs) < k:
+        if not self._worth_fusing(max(self._allowed(s) for s in seqs)):
             return None
         steps, copies = [], []
         for seq in seqs:
@@ -320,8 +325,8 @@ class LLMEngine:
     def _chain(self, flight: InFlightDecode) -> InFlightDecode | None:
         """Dispatch the next fused decode of the same sequences before `flight`'s results are read,
         from its last sampled tokens on the device, when nothing can change the batch: async
-        scheduling, no request waiting, every sequence ran all steps and may run as many again,
-        no penalties (their token counts live on the host), and pages for the look-ahead.
+        scheduling, no request waiting, every sequence ran all steps, over half of the chained steps
+        are useful, no penalties (their token counts live on the host), and pages for the look-ahead.
 
         A sequence that stops during `flight` still runs in the chained call; its tokens are
         dropped when collected, and its writes land in pages it owns until then (any later owner
@@ -331,23 +336,26 @@ class LLMEngine:
         if (
             not self.config.async_scheduling or self.scheduler.waiting or flight.flags.use_penalties
             or any(steps != k for steps in flight.steps)
-            or any(seq.finish_reason is not None or self._allowed(seq) < 2 * k for seq in seqs)
+            or any(seq.finish_reason is not None for seq in seqs)
         ):
+            return None
+        steps = [max(0, min(k, self._allowed(seq) - k)) for seq in seqs]  # 0: the sequence ends in `flight`
+        if not self._worth_fusing(max(steps)):
             return None
         start = time.perf_counter()
         copies: list[tuple[int, int]] = []
-        if not all(self.scheduler.reserve(seq, 2 * k, copies) for seq in seqs):
+        if not all(self.scheduler.reserve(seq, k + n, copies) for seq, n in zip(seqs, steps)):
             return None
         assert not copies, "the chained call's pages are fresh"
         _, positions, slots, page_table, remaining = batch.decode_inputs(
-            seqs, flight.steps, k, self.config.page_size, self.runner.pages_per_seq, offset=k
+            seqs, steps, k, self.config.page_size, self.runner.pages_per_seq, offset=k
         )
         last = flight.sampled.tokens[k - 1]  # -1 where the row stopped before its last step: it stays stopped
         arrays = flight.arrays._replace(counters=flight.arrays.counters + k)
         sampled = self.runner.decode(last, positions, slots, page_table, remaining, arrays, flight.flags, k)
         self.times.inputs += time.perf_counter() - start
         self.num_chained_decodes += 1
-        return InFlightDecode(seqs, flight.steps, k, arrays, flight.flags, sampled)
+        return InFlightDecode(seqs, steps, k, arrays, flight.flags, sampled)
 
     def _complete(self, flight: InFlightDecode) -> set[Request]:
         """Chain the next call if allowed, then wait for `flight`'s tokens and append them."""

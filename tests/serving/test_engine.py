@@ -290,3 +290,26 @@ def test_abort_while_a_chained_decode_is_in_flight(model, token_prompts):
     want = list(generate_tokens(model, token_prompts[1], max_tokens=60, stop_ids=()))
     assert done["1"].outputs[0].token_ids == want
     assert eng.blocks.num_free == eng.blocks.num_pages
+
+
+def test_decode_tails_shorter_than_decode_steps_stay_fused(model, token_prompts):
+    """Once every prompt is in, the last few tokens (fewer than decode_steps) run in the fused,
+    chained decode program (over half its steps are useful) instead of one host round trip per token."""
+    eng = engine(model)  # decode_steps=4
+    single = []
+    step = eng.runner.step
+    eng.runner.step = lambda *a: single.append(1) or step(*a)
+    lengths = [16, 14]  # 1 from the prefill, then 4 + 4 + 4 + (3 and 1)
+    for i, n in enumerate(lengths):
+        eng.add_request(str(i), token_prompts[i], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    done, after_prefill = {}, 0
+    while eng.has_unfinished_requests():
+        decoding = len(eng.requests) == 2 and all(s.num_generated for r in eng.requests.values() for s in r.seqs)
+        before = len(single)
+        done.update({o.request_id: o for o in eng.step() if o.finished})
+        after_prefill += (len(single) - before) * decoding
+    assert after_prefill == 0 and eng.num_chained_decodes > 0
+    for i, n in enumerate(lengths):
+        want = list(generate_tokens(model, token_prompts[i], max_tokens=n, stop_ids=()))
+        assert done[str(i)].outputs[0].token_ids == want
+    assert eng.blocks.num_free == eng.blocks.num_pages
