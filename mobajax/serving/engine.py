@@ -25,7 +25,7 @@ from mobajax.pallas.paged_decode import PAGE_SIZES
 from mobajax.serving import batch
 from mobajax.serving.block_manager import BlockManager
 from mobajax.serving.config import EngineConfig
-from mobajax.serving.model_runner import Flags, ModelRunner, next_power_of_two
+from mobajax.serving.model_runner import Flags, ModelRunner, next_power_of_two, select_rows
 from mobajax.serving.outputs import EngineStats, Logprob, RequestMetrics, RequestOutput
 from mobajax.serving.sampler import Sampled, SamplingArrays
 from mobajax.serving.sampling_params import SamplingParams
@@ -323,24 +323,25 @@ class LLMEngine:
         return self._complete(InFlightDecode(seqs, steps, num_steps, arrays, flags, sampled))
 
     def _chain(self, flight: InFlightDecode) -> InFlightDecode | None:
-        """Dispatch the next fused decode of the same sequences before `flight`'s results are read,
-        from its last sampled tokens on the device, when nothing can change the batch: async
-        scheduling, no request waiting, every sequence ran all steps, over half of the chained steps
-        are useful, no penalties (their token counts live on the host), and pages for the look-ahead.
+        """Dispatch the next fused decode before `flight`'s results are read, from its last sampled
+        tokens on the device, when nothing can change the batch: async scheduling, no request
+        waiting, no penalties (their token counts live on the host), over half of the chained steps
+        useful, and pages for the look-ahead.
 
-        A sequence that stops during `flight` still runs in the chained call; its tokens are
+        It runs the sequences of `flight` that may go on: not finished, and not ending by length
+        in `flight`. One that stops on a token during `flight` still runs in it; its tokens are
         dropped when collected, and its writes land in pages it owns until then (any later owner
         writes them after this call, in device order)."""
         k = flight.num_steps
-        seqs = flight.seqs
-        if (
-            not self.config.async_scheduling or self.scheduler.waiting or flight.flags.use_penalties
-            or any(steps != k for steps in flight.steps)
-            or any(seq.finish_reason is not None for seq in seqs)
-        ):
+        if not self.config.async_scheduling or self.scheduler.waiting or flight.flags.use_penalties:
             return None
-        steps = [max(0, min(k, self._allowed(seq) - k)) for seq in seqs]  # 0: the sequence ends in `flight`
-        if not self._worth_fusing(max(steps)):
+        keep = [
+            b for b, (seq, steps) in enumerate(zip(flight.seqs, flight.steps))
+            if seq.finish_reason is None and steps == k and self._allowed(seq) > k
+        ]
+        seqs = [flight.seqs[b] for b in keep]
+        steps = [min(k, self._allowed(seq) - k) for seq in seqs]
+        if not seqs or not self._worth_fusing(max(steps)):
             return None
         start = time.perf_counter()
         copies: list[tuple[int, int]] = []
@@ -351,7 +352,14 @@ class LLMEngine:
             seqs, steps, k, self.config.page_size, self.runner.pages_per_seq, offset=k
         )
         last = flight.sampled.tokens[k - 1]  # -1 where the row stopped before its last step: it stays stopped
-        arrays = flight.arrays._replace(counters=flight.arrays.counters + k)
+        arrays = flight.arrays
+        if len(seqs) < len(flight.seqs):  # fewer rows: gather their tokens and parameters
+            rows = np.full(len(positions), -1, np.int32)
+            rows[: len(keep)] = keep
+            last = select_rows(last, rows)
+            stop_ids = [self._stop_ids(s) for s in seqs]
+            arrays = batch.sampling_arrays(seqs, len(positions), stop_ids, self.model_config.vocab_size, flight.flags)
+        arrays = arrays._replace(counters=arrays.counters + k)
         sampled = self.runner.decode(last, positions, slots, page_table, remaining, arrays, flight.flags, k)
         self.times.inputs += time.perf_counter() - start
         self.num_chained_decodes += 1

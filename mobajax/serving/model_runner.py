@@ -90,6 +90,12 @@ def _decode(module, params, pools, tokens, positions, slots, page_table, remaini
     return pools, out
 
 
+@jax.jit
+def select_rows(tokens: jax.Array, rows: jax.Array) -> jax.Array:
+    """tokens [R] int32 gathered at rows [R'] int32; -1 where rows < 0 (padding rows, stopped)."""
+    return jnp.where(rows >= 0, tokens[jnp.maximum(rows, 0)], -1)
+
+
 @dataclasses.dataclass
 class ModelRunner:
     """Params + page pool + compiled steps for one model.

@@ -313,3 +313,26 @@ def test_decode_tails_shorter_than_decode_steps_stay_fused(model, token_prompts)
         want = list(generate_tokens(model, token_prompts[i], max_tokens=n, stop_ids=()))
         assert done[str(i)].outputs[0].token_ids == want
     assert eng.blocks.num_free == eng.blocks.num_pages
+
+
+def test_chained_decodes_go_on_as_sequences_finish(model, token_prompts):
+    """Sequences ending by length or on a stop token leave the chain: the next chained call runs
+    the others (fewer rows, their tokens gathered on the device) without a host round trip."""
+    eng = engine(model)  # decode_steps=4
+    fresh = []
+    run_decode = eng._run_decode
+    eng._run_decode = lambda *a: fresh.append(1) or run_decode(*a)
+    full = list(generate_tokens(model, token_prompts[3], max_tokens=40, stop_ids=()))
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (13, 21, 29)]
+    params.append(SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[full[9]], ignore_eos=True))
+    for i, p in enumerate(params):
+        eng.add_request(str(i), token_prompts[i], p)
+    done = {}
+    while eng.has_unfinished_requests():
+        done.update({o.request_id: o for o in eng.step() if o.finished})
+    assert len(fresh) == 1 and eng.num_chained_decodes >= 5
+    for i, p in enumerate(params[:3]):
+        assert done[str(i)].outputs[0].token_ids == list(generate_tokens(model, token_prompts[i], max_tokens=p.max_tokens, stop_ids=()))
+    stopped = done["3"].outputs[0]
+    assert stopped.finish_reason == "stop" and stopped.token_ids == full[: full.index(full[9]) + 1]
+    assert eng.blocks.num_free == eng.blocks.num_pages
