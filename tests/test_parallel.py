@@ -101,8 +101,10 @@ def _checks():
     rng = np.random.default_rng(0)
     config = tiny_moe_config()
     module = Decoder(config, jnp.float32)
-    tokens = jnp.asarray(rng.integers(0, 96, (2, 13)), jnp.int32)
-    next_tokens = jnp.asarray(rng.integers(0, 96, (2, 1)), jnp.int32)
+    # 32 prefill tokens split over every mesh's (data, expert) devices; the 4 decode tokens are
+    # too few for expert=8, which then runs them replicated over `expert`
+    tokens = jnp.asarray(rng.integers(0, 96, (4, 8)), jnp.int32)
+    next_tokens = jnp.asarray(rng.integers(0, 96, (4, 1)), jnp.int32)
     params = module.init(jax.random.key(0), tokens, jnp.zeros_like(tokens))["params"]
     params = jax.tree.map(lambda x: x * 3.0 if x.ndim > 1 else x, params)  # spread the router logits
     skewed = jax.tree.map(lambda x: x, params)
@@ -118,17 +120,20 @@ def _checks():
             _close(prefill, ref_prefill, f"{name} {shape} prefill")
             _close(decode, ref_decode, f"{name} {shape} decode")
 
-    # all assignments to one expert (top-1): the device holding it gets every token, nothing dropped
-    x = jnp.asarray(rng.standard_normal((40, 64)), jnp.float32)
-    experts = jnp.full((40, 1), 5, jnp.int32)
-    weights = jnp.ones((40, 1), jnp.float32)
+    # all assignments to one expert (top-1): the device holding it gets every token, nothing dropped;
+    # 40 tokens go split over the devices (all-gather + reduce-scatter), 41 replicated (all-reduce)
     moe = params["layers_0"]["moe"]["experts"]
     w = (moe["gate_proj"], moe["up_proj"], moe["down_proj"])
-    ref = run_experts(x, weights, experts, *w)
-    for shape in (dict(expert=8), dict(expert=4, tensor=2)):
-        out = jax.jit(lambda *a, mesh=make_mesh(**shape): expert_parallel_experts(*a, mesh=mesh))(x, weights, experts, *w)
-        _close(out, ref, f"one expert {shape}")
-    assert np.abs(np.asarray(ref)).min(axis=1).max() > 0  # every token got the expert's output
+    for n, collective in ((40, "reduce-scatter"), (41, "all-reduce")):
+        x = jnp.asarray(rng.standard_normal((n, 64)), jnp.float32)
+        experts = jnp.full((n, 1), 5, jnp.int32)
+        weights = jnp.ones((n, 1), jnp.float32)
+        ref = run_experts(x, weights, experts, *w)
+        assert np.abs(np.asarray(ref)).min(axis=1).max() > 0  # every token got the expert's output
+        for shape in (dict(expert=8), dict(expert=4, tensor=2)):
+            fn = jax.jit(lambda *a, mesh=make_mesh(**shape): expert_parallel_experts(*a, mesh=mesh))
+            assert collective in fn.lower(x, weights, experts, *w).compile().as_text()
+            _close(fn(x, weights, experts, *w), ref, f"one expert, {n} tokens, {shape}")
     print("all parallel checks passed")
 
 

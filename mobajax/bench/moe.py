@@ -9,6 +9,8 @@
    (attention, routers, the distinct experts the batch's random tokens are routed to in that
    step, embeddings row, LM head)
    plus the KV read, over the copy bandwidth measured in the same run.
+3. With several devices: prefill throughput of that model on one device against expert
+   parallelism over all of them (tokens split over the same devices around the MoE layers).
 Prints a table, writes moe.json and moe.png to --out. `--smoke` runs tiny shapes (CPU: the
 reference paths only) to check the script.
 """
@@ -149,6 +151,60 @@ def routed_expert_fraction(module, params, token, position, caches) -> float:
     return float(np.mean([len(np.unique(np.asarray(c))) / e for c in chosen]))
 
 
+def random_params(module) -> dict:
+    """Random bf16 params of `module` (normal, std 0.02), one leaf at a time (no jitted init)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), tokens, tokens)["params"])
+    leaves, tree = jax.tree.flatten(shapes)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    return jax.tree.unflatten(tree, [(jax.random.normal(k, s.shape, jnp.float32) * 0.02).astype(DTYPE)
+                                     for k, s in zip(keys, leaves)])
+
+
+def bench_expert_parallel(layers: int, smoke: bool, on_gpu: bool) -> list[dict]:
+    """Prefill throughput (last-token logits) of the Qwen3-30B-A3B-shaped model on one device
+    against expert parallelism over all devices: experts split over `expert`, the batch split over
+    the same devices around the MoE layers (`expert_parallel_experts`)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from mobajax.models.llama import Decoder
+    from mobajax.parallel import check_parallel, make_mesh, shard_params
+
+    n = jax.device_count()
+    if n < 2:
+        print(f"expert parallelism needs >= 2 devices, found {n}: skipped", flush=True)
+        return []
+    rows = []
+    config = qwen3_30b_config(layers, "pallas" if on_gpu else "xla", smoke)  # Triton: faster at F 768
+    mesh = make_mesh(expert=n)
+    check_parallel(config, mesh)
+    single, parallel = Decoder(config, DTYPE), Decoder(config, DTYPE, mesh)
+    params = jax.device_put(random_params(single), jax.devices()[0])
+    sharded = shard_params(params, mesh)
+    batch, length = (2 * n, 16) if smoke else (8 * n, 2048)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch, length)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    last = jnp.asarray([length - 1], jnp.int32)
+    row = {"kernel": "expert_parallel", "case": f"qwen3-30b-a3b shape, {layers} layers, prefill {batch} x {length}, {n} devices"}
+    outs = {}
+    for name, module, p, where in (
+        ("one_device", single, params, jax.devices()[0]),
+        ("expert_parallel", parallel, sharded, NamedSharding(mesh, PartitionSpec("expert"))),
+    ):
+        step = jax.jit(lambda p, t, pos, m=module: m.apply({"params": p}, t, pos, None, last)[0])
+        t, pos = jax.device_put(tokens, where), jax.device_put(positions, where)
+        outs[name] = step(p, t, pos)
+        seconds = timeit(step, p, t, pos, iters=3, reps=3)
+        row[f"{name}_ms"] = seconds * 1e3
+        row[f"{name}_tok_s"] = batch * length / seconds
+    row["speedup"] = row["expert_parallel_tok_s"] / row["one_device_tok_s"]
+    row["rel_err"] = rel_err(np.asarray(outs["expert_parallel"]), np.asarray(outs["one_device"]))
+    rows.append(row)
+    print_row(row)
+    return rows
+
+
 def bench_decode(layers: int, bandwidth: float, smoke: bool, on_gpu: bool) -> list[dict]:
     from mobajax.attention import init_kv_cache
     from mobajax.models.llama import Decoder
@@ -158,12 +214,7 @@ def bench_decode(layers: int, bandwidth: float, smoke: bool, on_gpu: bool) -> li
     impls = ("xla", "pallas", "mosaic") if on_gpu else ("xla",)  # pallas = Triton kernel
     base = qwen3_30b_config(layers, "xla", smoke)
     module = Decoder(base, DTYPE)
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), tokens, tokens)["params"])
-    leaves, tree = jax.tree.flatten(shapes)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(tree, [(jax.random.normal(k, s.shape, jnp.float32) * 0.02).astype(DTYPE)
-                                       for k, s in zip(keys, leaves)])
+    params = random_params(module)
     for batch in (1, 32) if not smoke else (1, 4):
         caches = init_kv_cache(base.num_layers, batch, context + 8, base.num_kv_heads, base.head_dim, DTYPE)
         # distinct random tokens: identical ones would all route to the same experts
@@ -217,7 +268,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", default="bench-out", help="folder for moe.json and moe.png")
     parser.add_argument("--layers", type=int, default=8, help="layers of the Qwen3-30B-A3B-shaped model (of 48)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (runs on CPU)")
-    parser.add_argument("--only", choices=("gemm", "decode"), action="append", help="parts to run")
+    parser.add_argument("--only", choices=("gemm", "decode", "ep"), action="append", help="parts to run")
     args = parser.parse_args(argv)
     if args.layers < 1:
         parser.error(f"--layers must be >= 1, got {args.layers}")
@@ -225,7 +276,7 @@ def main(argv: list[str]) -> int:
     if not on_gpu and not args.smoke:
         print(f"the moe benchmark needs a GPU (jax backend is {jax.default_backend()!r}); --smoke runs on CPU")
         return 2
-    only = set(args.only or ("gemm", "decode"))
+    only = set(args.only or ("gemm", "decode", "ep"))
     os.makedirs(args.out, exist_ok=True)
     bandwidth, peak = copy_bandwidth(), matmul_rate()
     print(f"device {jax.devices()[0].device_kind}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
@@ -235,6 +286,8 @@ def main(argv: list[str]) -> int:
         rows += bench_gemm(SMOKE_CASES if args.smoke else GEMM_CASES, peak, on_gpu)
     if "decode" in only:
         rows += bench_decode(args.layers, bandwidth, args.smoke, on_gpu)
+    if "ep" in only:
+        rows += bench_expert_parallel(args.layers, args.smoke, on_gpu)
     meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "python": platform.python_version(),
             "date": datetime.date.today().isoformat(), "copy_bandwidth": bandwidth, "matmul_flops": peak}
     with open(os.path.join(args.out, "moe.json"), "w") as f:

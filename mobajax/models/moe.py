@@ -6,10 +6,11 @@ matmuls (`mobajax.pallas.grouped_matmul`); outputs are weighted and scattered ba
 a dense shared expert scaled by sigmoid(shared_expert_gate(x)).
 
 With a mesh (`mobajax.parallel`), the experts run in a `jax.shard_map`: experts sharded over the
-`expert` axis (their F dim over `tensor`), every device routes all of its tokens, runs only its
-local experts on the assignments that go to them and the partial outputs are summed with one
-`psum` over (`expert`, `tensor`). No capacity: every assignment is computed, so skewed routing
-drops nothing.
+`expert` axis (their F dim over `tensor`). Tokens arrive split over the devices (data-parallel
+around the MoE); each device all-gathers its expert group's tokens, runs only its local experts
+on the assignments that go to them, and the partial outputs are summed and split back with a
+`psum_scatter` (see `expert_parallel_experts`). No capacity: every assignment is computed, so
+skewed routing drops nothing.
 
 Shape letters: B batch, T tokens, D model dim, E experts, F expert MLP dim; A = tokens * top_k
 assignments.
@@ -22,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -85,6 +87,15 @@ def run_experts(
     return jnp.zeros((n, x.shape[1]), jnp.float32).at[token].add(y)
 
 
+def token_axes(num_tokens: int, mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes the tokens of an expert-parallel MoE layer are split over: ("data",
+    "expert") when their product divides num_tokens, else ("data",) when that divides, else ()."""
+    for axes in (("data", "expert"), ("data",)):
+        if num_tokens % int(np.prod([mesh.shape[a] for a in axes])) == 0:
+            return axes
+    return ()
+
+
 def expert_parallel_experts(
     x: jax.Array,
     weights: jax.Array,
@@ -98,21 +109,30 @@ def expert_parallel_experts(
 ) -> jax.Array:
     """`run_experts` with experts sharded over mesh axis `expert` and F over `tensor` -> [N, D] float32.
 
-    Tokens stay sharded over `data` (when N divides) and replicated over the other axes; each
-    device computes its local experts' (F-slice) contributions, summed by one psum.
+    Tokens come and go split over `token_axes`. Split over `expert` too (the usual case: the
+    layers around the MoE then run on a slice of the tokens per device, data-parallel), each
+    device all-gathers its expert group's tokens, computes its local experts' (F-slice)
+    contributions to all of them, and a psum over `tensor` plus a psum_scatter over `expert`
+    returns every device the sums for its own tokens. Otherwise (tokens replicated over `expert`)
+    one psum over (`expert`, `tensor`).
     """
-    data = "data" if x.shape[0] % mesh.shape["data"] == 0 else None
+    axes = token_axes(x.shape[0], mesh)
+    spec = P(axes or None)
 
     def local(x, weights, experts, gate, up, down):
+        if "expert" in axes:
+            x, weights, experts = (jax.lax.all_gather(a, "expert", tiled=True) for a in (x, weights, experts))
         first = jax.lax.axis_index("expert") * gate.shape[0]
         out = run_experts(x, weights, experts, gate, up, down, first_expert=first, impl=impl)
+        if "expert" in axes:
+            return jax.lax.psum_scatter(jax.lax.psum(out, "tensor"), "expert", tiled=True)
         return jax.lax.psum(out, ("expert", "tensor"))
 
     return jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(P(data), P(data), P(data), P("expert", None, "tensor"), P("expert", None, "tensor"), P("expert", "tensor", None)),
-        out_specs=P(data),
+        in_specs=(spec, spec, spec, P("expert", None, "tensor"), P("expert", None, "tensor"), P("expert", "tensor", None)),
+        out_specs=spec,
     )(x, weights, experts, gate, up, down)
 
 

@@ -100,7 +100,8 @@ def work_list(group_sizes: jax.Array, m: int, block_m: int) -> tuple[jax.Array, 
     count = jnp.where(ends > starts, (ends - 1) // block_m - first + 1, 0)
     cum = jnp.cumsum(count)
     w = jnp.arange(pl.cdiv(m, block_m) + g, dtype=jnp.int32)
-    seg = jnp.minimum(jnp.searchsorted(cum, w, side="right"), g).astype(jnp.int32)
+    # unrolled: the default scan is a while loop, a few launches and copies per step on the GPU
+    seg = jnp.minimum(jnp.searchsorted(cum, w, side="right", method="scan_unrolled"), g).astype(jnp.int32)
     used = w < cum[-1]
     tile = first[seg] + w - (cum[seg] - count[seg])
     lo = jnp.where(used, jnp.maximum(starts[seg], tile * block_m), 0)

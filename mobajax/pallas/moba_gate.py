@@ -72,7 +72,7 @@ def moba_layout(
     cu_q = cu_seqlens_q.astype(jnp.int32)
     cu_k = cu_seqlens_k.astype(jnp.int32)
     t = jnp.arange(num_tokens, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(cu_q, t, side="right") - 1, 0, num_seqs - 1)
+    seq = jnp.clip(jnp.searchsorted(cu_q, t, side="right", method="scan_unrolled") - 1, 0, num_seqs - 1)
     live = (t >= cu_q[0]) & (t < cu_q[-1])
     q_len, k_len = jnp.diff(cu_q), jnp.diff(cu_k)
     if q_positions is None:
@@ -84,7 +84,7 @@ def moba_layout(
     ends = jnp.cumsum(per_seq)
     first = ends - per_seq
     c = jnp.arange(num_chunk_ids(num_keys, num_seqs, block_size), dtype=jnp.int32)
-    cseq = jnp.clip(jnp.searchsorted(ends, c, side="right"), 0, num_seqs - 1)
+    cseq = jnp.clip(jnp.searchsorted(ends, c, side="right", method="scan_unrolled"), 0, num_seqs - 1)
     local = c - first[cseq]
     exists = c < ends[-1]
     return MobaLayout(

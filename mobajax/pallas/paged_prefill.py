@@ -143,7 +143,7 @@ def _schedule(cu_q_lens: jax.Array, block_q: int, num_blocks: int):
     per_seq = (q_lens + block_q - 1) // block_q
     ends = jnp.cumsum(per_seq)
     j = jnp.arange(num_blocks, dtype=jnp.int32)
-    seq = jnp.searchsorted(ends, j, side="right").astype(jnp.int32)
+    seq = jnp.searchsorted(ends, j, side="right", method="scan_unrolled").astype(jnp.int32)
     used = seq < b
     seq = jnp.minimum(seq, b - 1)
     local = j - (ends[seq] - per_seq[seq])

@@ -1,10 +1,17 @@
-"""`python -m mobajax.bench moe --smoke` on the CPU: the decode floor counts the experts routed to."""
+"""`python -m mobajax.bench moe --smoke` on the CPU: the decode floor counts the experts routed to;
+the expert-parallel part runs on fake devices."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from mobajax.bench import moe
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_decode_floor_counts_routed_experts(tmp_path):
@@ -19,3 +26,19 @@ def test_decode_floor_counts_routed_experts(tmp_path):
 def test_needs_a_gpu_without_smoke(capsys):
     assert moe.main(["--only", "decode"]) == 2
     assert "--smoke runs on CPU" in capsys.readouterr().out
+
+
+def test_expert_parallel_on_two_cpu_devices(tmp_path):
+    """`--only ep` on two fake CPU devices: both layouts run and agree."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    code = f"from mobajax.bench import moe; raise SystemExit(moe.main(['--smoke', '--only', 'ep', '--layers', '2', '--out', {str(tmp_path)!r}]))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "moe.json").read_text())["rows"]
+    assert row["kernel"] == "expert_parallel" and "2 devices" in row["case"]
+    assert row["rel_err"] < 2e-2 and row["speedup"] > 0 and row["one_device_tok_s"] > 0
+
+
+def test_expert_parallel_needs_two_devices(tmp_path, capsys):
+    assert moe.main(["--smoke", "--only", "ep", "--layers", "1", "--out", str(tmp_path)]) == 0
+    assert "needs >= 2 devices" in capsys.readouterr().out
