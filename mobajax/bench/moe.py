@@ -186,7 +186,8 @@ def bench_expert_parallel(layers: int, smoke: bool, on_gpu: bool) -> list[dict]:
     tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch, length)), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     last = jnp.asarray([length - 1], jnp.int32)
-    row = {"kernel": "expert_parallel", "case": f"qwen3-30b-a3b shape, {layers} layers, prefill {batch} x {length}, {n} devices"}
+    case = f"qwen3-30b-a3b shape, {layers} layers, prefill {batch} x {length}, {n} devices"
+    row = {"kernel": "expert_parallel", "case": case}
     outs = {}
     for name, module, p, where in (
         ("one_device", single, params, jax.devices()[0]),

@@ -131,7 +131,9 @@ def expert_parallel_experts(
     return jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(spec, spec, spec, P("expert", None, "tensor"), P("expert", None, "tensor"), P("expert", "tensor", None)),
+        in_specs=(
+            spec, spec, spec, P("expert", None, "tensor"), P("expert", None, "tensor"), P("expert", "tensor", None)
+        ),
         out_specs=spec,
     )(x, weights, experts, gate, up, down)
 

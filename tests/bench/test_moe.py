@@ -31,8 +31,11 @@ def test_needs_a_gpu_without_smoke(capsys):
 def test_expert_parallel_on_two_cpu_devices(tmp_path):
     """`--only ep` on two fake CPU devices: both layouts run and agree."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    code = f"from mobajax.bench import moe; raise SystemExit(moe.main(['--smoke', '--only', 'ep', '--layers', '2', '--out', {str(tmp_path)!r}]))"
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    argv = ["--smoke", "--only", "ep", "--layers", "2", "--out", str(tmp_path)]
+    code = f"from mobajax.bench import moe; raise SystemExit(moe.main({argv!r}))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     (row,) = json.loads((tmp_path / "moe.json").read_text())["rows"]
     assert row["kernel"] == "expert_parallel" and "2 devices" in row["case"]

@@ -332,7 +332,8 @@ def test_chained_decodes_go_on_as_sequences_finish(model, token_prompts):
         done.update({o.request_id: o for o in eng.step() if o.finished})
     assert len(fresh) == 1 and eng.num_chained_decodes >= 5
     for i, p in enumerate(params[:3]):
-        assert done[str(i)].outputs[0].token_ids == list(generate_tokens(model, token_prompts[i], max_tokens=p.max_tokens, stop_ids=()))
+        want = list(generate_tokens(model, token_prompts[i], max_tokens=p.max_tokens, stop_ids=()))
+        assert done[str(i)].outputs[0].token_ids == want
     stopped = done["3"].outputs[0]
     assert stopped.finish_reason == "stop" and stopped.token_ids == full[: full.index(full[9]) + 1]
     assert eng.blocks.num_free == eng.blocks.num_pages
