@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-SUITES = ("kernels", "moba", "serve", "throughput", "moe", "perplexity")
+SUITES = ("kernels", "moba", "serve", "throughput", "moe", "perplexity", "profile")
 
 
 def main(argv: list[str]) -> int:
