@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 from mobajax.models.config import MoEConfig
 from mobajax.models.layers import GatedMLP, dense
 from mobajax.pallas.grouped_matmul import grouped_matmul, grouped_matmul_mosaic
+from mobajax.pallas.moe_decode import moe_decode
 
 
 def route(logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
@@ -70,11 +71,16 @@ def run_experts(
 
     x [N, D]; weights, experts [N, k]; gate, up [E_local, D, F]; down [E_local, F, D] hold experts
     first_expert .. first_expert + E_local - 1. Assignments to other experts contribute 0.
+    With the kernels ("pallas", "mosaic") and at most E_local / 2 assignments (decode), each
+    assignment runs on its own (`moe_decode`); otherwise tokens are sorted by expert for grouped
+    matmuls.
     """
     n, k = experts.shape
     num_local = gate.shape[0]
     local = experts.reshape(-1) - first_expert
     held = (local >= 0) & (local < num_local)
+    if impl != "xla" and n * k <= num_local // 2:
+        return moe_decode(x, weights, jnp.where(held, local, -1).reshape(n, k), gate, up, down)
     key = jnp.where(held, local, num_local)  # other experts' assignments sort last
     order = jnp.argsort(key, stable=True)
     group_sizes = jnp.bincount(key, length=num_local + 1)[:num_local].astype(jnp.int32)
