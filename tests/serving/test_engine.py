@@ -337,3 +337,34 @@ def test_chained_decodes_go_on_as_sequences_finish(model, token_prompts):
     stopped = done["3"].outputs[0]
     assert stopped.finish_reason == "stop" and stopped.token_ids == full[: full.index(full[9]) + 1]
     assert eng.blocks.num_free == eng.blocks.num_pages
+
+
+def test_random_workload_async_equals_sync_on_a_tight_pool(model, token_prompts):
+    """Mixed lengths, stop ids, seeds and arrivals on a pool that forces preemption: chained
+    decodes (rows leaving the chain as they end) give the synchronous engine's outputs."""
+    rng = np.random.default_rng(5)
+    full = [list(generate_tokens(model, p, max_tokens=24, stop_ids=())) for p in token_prompts]  # stop ids
+    work = []
+    for i in range(12):
+        j = int(rng.integers(len(token_prompts)))
+        stop = [full[j][int(rng.integers(3, 20))]] if rng.random() < 0.4 else []
+        temperature = 0.0 if rng.random() < 0.6 else 0.8
+        params = SamplingParams(temperature=temperature, seed=i, max_tokens=int(rng.integers(1, 40)),
+                                stop_token_ids=stop, ignore_eos=True)
+        work.append((int(rng.integers(0, 3)), token_prompts[j], params))  # (arrival step, prompt, params)
+    results = {}
+    for chained in (False, True):
+        eng = engine(model, async_scheduling=chained, num_pages=12, max_model_len=96, enable_prefix_caching=False)
+        done, step = {}, 0
+        while step < 3 or eng.has_unfinished_requests():
+            for i, (arrival, prompt, params) in enumerate(work):
+                if arrival == step:
+                    eng.add_request(str(i), prompt, params)
+            done.update({o.request_id: o for o in eng.step() if o.finished})
+            step += 1
+        results[chained] = {k: (o.outputs[0].token_ids, o.outputs[0].finish_reason) for k, o in done.items()}
+        assert len(done) == len(work)
+        assert eng.blocks.num_free == eng.blocks.num_pages and all(r == 0 for r in eng.blocks.ref_counts)
+        if chained:
+            assert eng.num_chained_decodes > 0 and eng.stats().num_preemptions > 0
+    assert results[True] == results[False]
