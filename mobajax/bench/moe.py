@@ -4,12 +4,14 @@
    random split): mobajax's Mosaic GPU and Triton kernels against `jax.lax.ragged_dot` and the
    dense batched einsum [E, M/E, K] x [E, K, N] (equal groups only), with the bf16 matmul rate of
    the same run as the ceiling.
-2. One decode step of a Qwen3-30B-A3B-shaped random model (D 2048, heads 32/4, 128 experts, top-8,
+2. The experts of one Qwen3-30B-A3B-shaped MoE layer for 1 and 4 tokens: the per-assignment decode
+   kernels (`moe_decode`, a config sweep) against the grouped path and the chosen experts' bytes.
+3. One decode step of a Qwen3-30B-A3B-shaped random model (D 2048, heads 32/4, 128 experts, top-8,
    F 768; `--layers` of its 48 layers) against its memory floor: bytes of the weights a step reads
    (attention, routers, the distinct experts the batch's random tokens are routed to in that
    step, embeddings row, LM head)
    plus the KV read, over the copy bandwidth measured in the same run.
-3. With several devices: prefill throughput of that model on one device against expert
+4. With several devices: prefill throughput of that model on one device against expert
    parallelism over all of them (tokens split over the same devices around the MoE layers).
 Prints a table, writes moe.json and moe.png to --out. `--smoke` runs tiny shapes (CPU: the
 reference paths only) to check the script.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -35,6 +38,7 @@ from mobajax.pallas.grouped_matmul import (
     grouped_matmul,
     grouped_matmul_mosaic,
 )
+from mobajax.pallas.moe_decode import MoeDecodeConfig
 
 DTYPE = jnp.bfloat16
 # (name, experts, K, N, rows, equal groups)
@@ -54,6 +58,13 @@ MOSAIC_CONFIGS = (
                               skip_empty=False),
 )
 TRITON_CONFIGS = (GroupedMatmulConfig(), GroupedMatmulConfig(block_m=128, block_n=128, block_k=64, num_warps=8))
+MOE_DECODE_CONFIGS = (
+    MoeDecodeConfig(),
+    MoeDecodeConfig(block_f=64),
+    MoeDecodeConfig(block_f=16, block_d=16),
+    MoeDecodeConfig(block_f=64, block_d=64, chunk=64),
+    MoeDecodeConfig(chunk=256, num_warps=8),
+)
 
 
 def _group_sizes(rows: int, experts: int, equal: bool) -> jax.Array:
@@ -206,6 +217,48 @@ def bench_expert_parallel(layers: int, smoke: bool, on_gpu: bool) -> list[dict]:
     return rows
 
 
+def bench_expert_decode(bandwidth: float, smoke: bool, on_gpu: bool) -> list[dict]:
+    """One MoE layer's experts for a few tokens (Qwen3-30B-A3B shape): the per-assignment decode
+    kernels (`moe_decode`, best of MOE_DECODE_CONFIGS) against the grouped path, and the floor:
+    the distinct chosen experts' weights over the copy bandwidth."""
+    from mobajax.models.moe import grouped_experts
+    from mobajax.pallas.moe_decode import moe_decode, moe_decode_reference
+
+    e, d, f, k = (8, 64, 32, 2) if smoke else (128, 2048, 768, 8)
+    rng = np.random.default_rng(0)
+    gate, up = (jnp.asarray(rng.standard_normal((e, d, f)) * 0.02, DTYPE) for _ in range(2))
+    down = jnp.asarray(rng.standard_normal((e, f, d)) * 0.02, DTYPE)
+    rows = []
+    for n in (1, 4):
+        x = jnp.asarray(rng.standard_normal((n, d)), DTYPE)
+        experts = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(n)]), jnp.int32)
+        weights = jnp.asarray(rng.dirichlet(np.ones(k), n), jnp.float32)
+        args = (x, weights, experts, gate, up, down)
+        distinct = len(np.unique(np.asarray(experts)))
+        floor = distinct * 3 * d * f * 2 / bandwidth
+        shape = "smoke" if smoke else "qwen3-30b-a3b"
+        case = f"{shape} experts, {n} tokens x top-{k}, {distinct} experts"
+        row = {"kernel": "expert_decode", "case": case, "floor_us": floor * 1e6}
+        grouped = jax.jit(functools.partial(grouped_experts, impl="pallas" if on_gpu else "xla"))
+        row["grouped_us"] = timeit(grouped, *args) * 1e6
+        want = moe_decode_reference(*args)
+        configs = MOE_DECODE_CONFIGS if on_gpu else MOE_DECODE_CONFIGS[:1]
+        best = None
+        for config in configs:
+            fn = jax.jit(functools.partial(moe_decode, config=config, interpret=not on_gpu))
+            seconds = timeit(fn, *args)
+            if best is None or seconds < best[0]:
+                best = (seconds, config, fn(*args))
+        row["decode_us"] = best[0] * 1e6
+        row["decode_x_floor"] = best[0] / floor
+        row["grouped_x_floor"] = row["grouped_us"] * 1e-6 / floor
+        row["decode_rel_err"] = rel_err(best[2], want)
+        row["decode_config"] = dataclasses.asdict(best[1])
+        rows.append(row)
+        print_row(row)
+    return rows
+
+
 def bench_decode(layers: int, bandwidth: float, smoke: bool, on_gpu: bool) -> list[dict]:
     from mobajax.attention import init_kv_cache
     from mobajax.models.llama import Decoder
@@ -269,7 +322,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", default="bench-out", help="folder for moe.json and moe.png")
     parser.add_argument("--layers", type=int, default=8, help="layers of the Qwen3-30B-A3B-shaped model (of 48)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (runs on CPU)")
-    parser.add_argument("--only", choices=("gemm", "decode", "ep"), action="append", help="parts to run")
+    parser.add_argument("--only", choices=("gemm", "experts", "decode", "ep"), action="append", help="parts to run")
     args = parser.parse_args(argv)
     if args.layers < 1:
         parser.error(f"--layers must be >= 1, got {args.layers}")
@@ -277,7 +330,7 @@ def main(argv: list[str]) -> int:
     if not on_gpu and not args.smoke:
         print(f"the moe benchmark needs a GPU (jax backend is {jax.default_backend()!r}); --smoke runs on CPU")
         return 2
-    only = set(args.only or ("gemm", "decode", "ep"))
+    only = set(args.only or ("gemm", "experts", "decode", "ep"))
     os.makedirs(args.out, exist_ok=True)
     bandwidth, peak = copy_bandwidth(), matmul_rate()
     print(f"device {jax.devices()[0].device_kind}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
@@ -285,6 +338,8 @@ def main(argv: list[str]) -> int:
     rows = []
     if "gemm" in only:
         rows += bench_gemm(SMOKE_CASES if args.smoke else GEMM_CASES, peak, on_gpu)
+    if "experts" in only:
+        rows += bench_expert_decode(bandwidth, args.smoke, on_gpu)
     if "decode" in only:
         rows += bench_decode(args.layers, bandwidth, args.smoke, on_gpu)
     if "ep" in only:

@@ -72,16 +72,26 @@ def run_experts(
     x [N, D]; weights, experts [N, k]; gate, up [E_local, D, F]; down [E_local, F, D] hold experts
     first_expert .. first_expert + E_local - 1. Assignments to other experts contribute 0.
     With the kernels ("pallas", "mosaic") and at most E_local / 2 assignments (decode), each
-    assignment runs on its own (`moe_decode`); otherwise tokens are sorted by expert for grouped
-    matmuls.
+    assignment runs on its own (`moe_decode`); otherwise `grouped_experts`.
     """
     n, k = experts.shape
     num_local = gate.shape[0]
-    local = experts.reshape(-1) - first_expert
-    held = (local >= 0) & (local < num_local)
+    local = experts - first_expert
+    local = jnp.where((local >= 0) & (local < num_local), local, -1)
     if impl != "xla" and n * k <= num_local // 2:
-        return moe_decode(x, weights, jnp.where(held, local, -1).reshape(n, k), gate, up, down)
-    key = jnp.where(held, local, num_local)  # other experts' assignments sort last
+        return moe_decode(x, weights, local, gate, up, down)
+    return grouped_experts(x, weights, local, gate, up, down, impl=impl)
+
+
+def grouped_experts(x, weights, experts, gate, up, down, *, impl: str = "xla") -> jax.Array:
+    """`run_experts` by grouped matmuls: assignments sorted by expert, gathered, three grouped
+    matmuls, scattered back. experts [N, k] are ids into gate/up/down, -1 for experts held
+    elsewhere (they sort last and contribute 0) -> [N, D] float32."""
+    n, k = experts.shape
+    num_local = gate.shape[0]
+    flat = experts.reshape(-1)
+    held = flat >= 0
+    key = jnp.where(held, flat, num_local)  # other experts' assignments sort last
     order = jnp.argsort(key, stable=True)
     group_sizes = jnp.bincount(key, length=num_local + 1)[:num_local].astype(jnp.int32)
     token = order // k

@@ -45,3 +45,12 @@ def test_expert_parallel_on_two_cpu_devices(tmp_path):
 def test_expert_parallel_needs_two_devices(tmp_path, capsys):
     assert moe.main(["--smoke", "--only", "ep", "--layers", "1", "--out", str(tmp_path)]) == 0
     assert "needs >= 2 devices" in capsys.readouterr().out
+
+
+def test_expert_decode_rows_against_the_floor(tmp_path):
+    assert moe.main(["--smoke", "--only", "experts", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "moe.json").read_text())["rows"]
+    assert [r["kernel"] for r in rows] == ["expert_decode"] * 2
+    for row in rows:
+        assert row["floor_us"] > 0 and row["decode_us"] > 0 and row["grouped_us"] > 0
+        assert row["decode_rel_err"] < 2e-2 and row["decode_config"]["block_f"] > 0
