@@ -86,9 +86,11 @@ def main(argv: list[str]) -> int:
     pretrained = random_pretrained(hf_config_of(args.shape), args.dtype)
     calls = 4 + args.timed_calls + args.traced_calls
     new_tokens = (calls + 1) * args.decode_steps + args.batch
-    engine = LLMEngine(pretrained, EngineConfig(
+    max_len = args.prompt + new_tokens + 16
+    page_size = EngineConfig().page_size
+    engine = LLMEngine(pretrained, EngineConfig(  # a pool just big enough: every sequence at max_len
         dtype=args.dtype, max_num_seqs=args.batch, max_num_batched_tokens=1024, warmup=False,
-        max_model_len=args.prompt + new_tokens + 16, decode_steps=args.decode_steps,
+        max_model_len=max_len, decode_steps=args.decode_steps, num_pages=args.batch * -(-max_len // page_size),
     ))
     rng = np.random.default_rng(0)
     for i in range(args.batch):

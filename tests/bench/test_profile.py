@@ -38,3 +38,26 @@ def test_bad_arguments_name_the_flag(capsys):
     with pytest.raises(SystemExit):
         profile.main(["--batch", "0"])
     assert "--batch must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_drives_the_engine_end_to_end_with_a_stand_in_trace(tmp_path, monkeypatch, capsys):
+    """The whole run on a tiny config (CPU): the engine decodes, the trace is taken, and the summary,
+    JSON and PNG are written; only the GPU kernels are stood in for (a CPU trace has none)."""
+    import json
+
+    import jax
+
+    from tests.bench.test_throughput import TINY
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(profile, "gpu_kernels", lambda trace: [(0.0, 30.0, "gemm"), (40.0, 10.0, "attn")])
+    args = ["--shape", str(config), "--dtype", "float32", "--batch", "3", "--prompt", "8", "--decode-steps", "2",
+            "--timed-calls", "2", "--traced-calls", "2", "--out", str(tmp_path / "out")]
+    assert profile.main(args) == 0
+    result = json.loads((tmp_path / "out" / "profile.json").read_text())
+    assert result["traced_decode_steps"] == 4 and result["batch"] == 3 and result["context"] > 8
+    assert result["untraced_ms_per_step"] > 0 and result["kernels"][0] == ["gemm", 7.5, 0.25]
+    assert (tmp_path / "out" / "profile.png").stat().st_size > 0
+    assert "GPU busy 80.0%" in capsys.readouterr().out
