@@ -26,6 +26,8 @@ import functools
 import json
 import os
 import platform
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -259,6 +261,21 @@ def bench_expert_decode(bandwidth: float, smoke: bool, on_gpu: bool) -> list[dic
     return rows
 
 
+def time_decode(step, params, token, position, caches, iters: int = 10, reps: int = 3) -> float:
+    """Median seconds per decode step of `step(params, token, position, caches) -> (logits,
+    caches)`, feeding each call the caches the previous one returned (they are donated)."""
+    logits, caches = step(params, token, position, caches)
+    jax.block_until_ready(logits)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(iters):
+            logits, caches = step(params, token, position, caches)
+        jax.block_until_ready(logits)
+        times.append((time.perf_counter() - start) / iters)
+    return statistics.median(times)
+
+
 def bench_decode(layers: int, bandwidth: float, smoke: bool, on_gpu: bool) -> list[dict]:
     from mobajax.attention import init_kv_cache
     from mobajax.models.llama import Decoder
@@ -280,9 +297,12 @@ def bench_decode(layers: int, bandwidth: float, smoke: bool, on_gpu: bool) -> li
                "floor_ms": floor * 1e3, "experts_read_fraction": fraction}
         for impl in impls:
             config = dataclasses.replace(base, moe=dataclasses.replace(base.moe, impl=impl))
-            step = jax.jit(lambda p, t, pos, c, m=Decoder(config, DTYPE): m.apply({"params": p}, t, pos, c)[0])
+            # the caches are donated and updated in place, as a serving engine's pool is
+            step = jax.jit(lambda p, t, pos, c, m=Decoder(config, DTYPE): m.apply({"params": p}, t, pos, c),
+                           donate_argnums=(3,))
+            fresh = init_kv_cache(base.num_layers, batch, context + 8, base.num_kv_heads, base.head_dim, DTYPE)
             try:
-                seconds = timeit(step, params, token, position, caches, iters=10, reps=3)
+                seconds = time_decode(step, params, token, position, fresh)
             except Exception as err:
                 print(f"  decode {impl}: {type(err).__name__}: {str(err)[:160]}", flush=True)
                 continue
