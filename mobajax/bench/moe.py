@@ -26,8 +26,6 @@ import functools
 import json
 import os
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -262,18 +260,15 @@ def bench_expert_decode(bandwidth: float, smoke: bool, on_gpu: bool) -> list[dic
 
 
 def time_decode(step, params, token, position, caches, iters: int = 10, reps: int = 3) -> float:
-    """Median seconds per decode step of `step(params, token, position, caches) -> (logits,
+    """Seconds per decode step (`timeit`) of `step(params, token, position, caches) -> (logits,
     caches)`, feeding each call the caches the previous one returned (they are donated)."""
-    logits, caches = step(params, token, position, caches)
-    jax.block_until_ready(logits)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        for _ in range(iters):
-            logits, caches = step(params, token, position, caches)
-        jax.block_until_ready(logits)
-        times.append((time.perf_counter() - start) / iters)
-    return statistics.median(times)
+    state = [caches]
+
+    def call():
+        logits, state[0] = step(params, token, position, state[0])
+        return logits
+
+    return timeit(call, iters=iters, reps=reps)
 
 
 def bench_decode(layers: int, bandwidth: float, smoke: bool, on_gpu: bool) -> list[dict]:

@@ -54,3 +54,14 @@ def test_expert_decode_rows_against_the_floor(tmp_path):
     for row in rows:
         assert row["floor_us"] > 0 and row["decode_us"] > 0 and row["grouped_us"] > 0
         assert row["decode_rel_err"] < 2e-2 and row["decode_config"]["block_f"] > 0
+
+
+def test_time_decode_feeds_each_call_the_previous_caches():
+    seen = []
+
+    def step(params, token, position, caches):
+        seen.append(caches)
+        return caches * 1.0, caches + 1
+
+    assert moe.time_decode(step, None, None, None, 0, iters=2, reps=2) > 0
+    assert seen == list(range(len(seen))) and len(seen) == 5  # warm-up + 2 x 2

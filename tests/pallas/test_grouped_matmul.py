@@ -145,3 +145,9 @@ def test_gpu_mosaic_matches_reference(sizes, m, k, n):
     out = grouped_matmul_mosaic(lhs, rhs, gs, config=GroupedMatmulMosaicConfig(block_n=128, grid_block_n=1))
     total = sum(sizes)
     assert_close(out[:total], grouped_matmul_reference(lhs, rhs, gs)[:total], BF16)
+
+
+def test_work_list_has_no_while_loop():
+    """searchsorted unrolled: on the GPU a while loop costs launches and copies per step."""
+    jaxpr = jax.make_jaxpr(lambda gs: work_list(gs, 256, 64))(jnp.ones(128, jnp.int32))
+    assert "while" not in str(jaxpr)

@@ -126,3 +126,11 @@ def test_lowers_to_triton(lower_for_gpu):
     args = (shape((4096, 32, 128), BF16), pool, pool, shape((3, 300), jnp.int32),
             shape((4,), jnp.int32), shape((3,), jnp.int32))
     assert "__gpu$xla.gpu.triton" in lower_for_gpu(paged_prefill, *args)
+
+
+def test_block_schedule_has_no_while_loop():
+    """searchsorted unrolled: on the GPU a while loop costs launches and copies per step."""
+    from mobajax.pallas.paged_prefill import _schedule
+
+    jaxpr = jax.make_jaxpr(lambda cu: _schedule(cu, 32, 40))(jnp.arange(0, 65, 8, dtype=jnp.int32))
+    assert "while" not in str(jaxpr)
