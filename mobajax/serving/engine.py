@@ -451,5 +451,8 @@ class LLMEngine:
                 arrays = batch.sampling_arrays([], rows, [], vocab, Flags())
                 slots = np.full((k, rows), -1, np.int32)
                 self.runner.decode(zeros, zeros, slots, np.zeros((rows, pages), np.int32), zeros, arrays, Flags(), k)
+                if self.config.async_scheduling:  # a chain that drops rows gathers into a smaller bucket
+                    for fewer in (r for r in row_buckets if r <= rows):
+                        select_rows(zeros, np.full(fewer, -1, np.int32))
                 bar.update()
         jax.block_until_ready(self.runner.pools)

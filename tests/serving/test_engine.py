@@ -368,3 +368,16 @@ def test_random_workload_async_equals_sync_on_a_tight_pool(model, token_prompts)
         if chained:
             assert eng.num_chained_decodes > 0 and eng.stats().num_preemptions > 0
     assert results[True] == results[False]
+
+
+def test_warmup_compiles_the_row_gathers_of_chained_decodes(model, token_prompts):
+    """After warm-up, a chain that drops finished rows compiles nothing new."""
+    from mobajax.serving.model_runner import select_rows
+
+    eng = engine(model, warmup=True, max_num_seqs=4)
+    compiled = select_rows._cache_size()
+    for i, n in enumerate((13, 21, 29)):
+        eng.add_request(str(i), token_prompts[i], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert eng.num_chained_decodes >= 3 and select_rows._cache_size() == compiled > 0
