@@ -10,7 +10,8 @@
    F 768; `--layers` of its 48 layers) against its memory floor: bytes of the weights a step reads
    (attention, routers, the distinct experts the batch's random tokens are routed to in that
    step, embeddings row, LM head)
-   plus the KV read, over the copy bandwidth measured in the same run.
+   plus the KV read, over the copy bandwidth measured in the same run. The step is laid out as
+   the serving engine's: a flat batch over a page pool, donated and updated in place.
 4. With several devices: prefill throughput of that model on one device against expert
    parallelism over all of them (tokens split over the same devices around the MoE layers).
 Prints a table, writes moe.json and moe.png to --out. `--smoke` runs tiny shapes (CPU: the
@@ -60,10 +61,17 @@ MOSAIC_CONFIGS = (
 TRITON_CONFIGS = (GroupedMatmulConfig(), GroupedMatmulConfig(block_m=128, block_n=128, block_k=64, num_warps=8))
 MOE_DECODE_CONFIGS = (
     MoeDecodeConfig(),
+    MoeDecodeConfig(block_f=256, splits=4),
     MoeDecodeConfig(block_f=64),
-    MoeDecodeConfig(block_f=16, block_d=16),
-    MoeDecodeConfig(block_f=64, block_d=64, chunk=64),
-    MoeDecodeConfig(chunk=256, num_warps=8),
+    MoeDecodeConfig(splits=16),
+    MoeDecodeConfig(splits=4),
+    MoeDecodeConfig(block_d=128, down_splits=1),
+    MoeDecodeConfig(down_splits=4),
+    MoeDecodeConfig(block_d=32, down_splits=4),
+    MoeDecodeConfig(chunk=64),
+    MoeDecodeConfig(chunk=16),
+    MoeDecodeConfig(num_stages=4),
+    MoeDecodeConfig(num_warps=2),
 )
 
 
@@ -154,9 +162,46 @@ def floor_bytes(config, params, batch: int, context: int, expert_fraction: float
     return total + kv
 
 
-def routed_expert_fraction(module, params, token, position, caches) -> float:
+def paged_decode_inputs(config, batch: int, context: int, page_size: int = 16):
+    """One decode token per sequence after `context` cached ones, laid out as the serving engine
+    lays a decode step out: a flat batch [1, B] over a zeroed page pool (sequence b on pages
+    b * P_max ... (b + 1) * P_max - 1) -> (token, (position, metadata), pools: (k, v) pages
+    [P, G, K, H] per layer)."""
+    from mobajax.attention import PagedMetadata
+
+    p_max = context // page_size + 1
+    shape = (batch * p_max, page_size, config.num_kv_heads, config.head_dim)
+    table = jnp.arange(batch * p_max, dtype=jnp.int32).reshape(batch, p_max)
+    meta = PagedMetadata(
+        slots=table[:, context // page_size] * page_size + context % page_size,
+        page_table=table,
+        cu_q_lens=jnp.arange(batch + 1, dtype=jnp.int32),
+        kv_lens=jnp.full((batch,), context + 1, jnp.int32),
+        token_seq=jnp.arange(batch, dtype=jnp.int32),
+        decode=True,
+    )
+    # distinct random tokens: identical ones would all route to the same experts
+    token = jax.random.randint(jax.random.key(batch), (1, batch), 0, config.vocab_size, jnp.int32)
+    position = jnp.full((1, batch), context, jnp.int32)
+    pools = tuple((jnp.zeros(shape, DTYPE), jnp.zeros(shape, DTYPE)) for _ in range(config.num_layers))
+    return token, (position, meta), pools
+
+
+def paged_apply(module, params, token, inputs, pools, **kwargs):
+    """`module` over `paged_decode_inputs` -> (logits, pools) (or the output of `mutable`)."""
+    from mobajax.attention import PagedKVCache
+
+    position, meta = inputs
+    caches = tuple(PagedKVCache(k, v, meta) for k, v in pools)
+    out, state = module.apply({"params": params}, token, position, caches, **kwargs)
+    if kwargs:
+        return out, state
+    return out, tuple((c.k_pages, c.v_pages) for c in state)
+
+
+def routed_expert_fraction(module, params, token, inputs, pools) -> float:
     """Distinct experts the step's tokens are routed to, over all experts, averaged over layers."""
-    _, state = module.apply({"params": params}, token, position, caches, mutable=["intermediates"])
+    _, state = paged_apply(module, params, token, inputs, pools, mutable=["intermediates"])
     chosen = jax.tree.leaves(state["intermediates"])  # one [B, top_k] per MoE layer
     e = module.config.moe.num_experts
     return float(np.mean([len(np.unique(np.asarray(c))) / e for c in chosen]))
@@ -217,10 +262,12 @@ def bench_expert_parallel(layers: int, smoke: bool, on_gpu: bool) -> list[dict]:
     return rows
 
 
-def bench_expert_decode(bandwidth: float, smoke: bool, on_gpu: bool) -> list[dict]:
+def bench_expert_decode(bandwidth: float, smoke: bool, on_gpu: bool, sets: int = 16) -> list[dict]:
     """One MoE layer's experts for a few tokens (Qwen3-30B-A3B shape): the per-assignment decode
-    kernels (`moe_decode`, best of MOE_DECODE_CONFIGS) against the grouped path, and the floor:
-    the distinct chosen experts' weights over the copy bandwidth."""
+    kernels (`moe_decode`, each of MOE_DECODE_CONFIGS) against the grouped path, and the floor:
+    the distinct chosen experts' weights over the copy bandwidth. One timed call runs `sets`
+    different expert choices back to back (as a step's layers do), so neither the host's
+    dispatch nor weights left in L2 by the previous call flatter the figure."""
     from mobajax.models.moe import grouped_experts
     from mobajax.pallas.moe_decode import moe_decode, moe_decode_reference
 
@@ -228,32 +275,35 @@ def bench_expert_decode(bandwidth: float, smoke: bool, on_gpu: bool) -> list[dic
     rng = np.random.default_rng(0)
     gate, up = (jnp.asarray(rng.standard_normal((e, d, f)) * 0.02, DTYPE) for _ in range(2))
     down = jnp.asarray(rng.standard_normal((e, f, d)) * 0.02, DTYPE)
+
+    def over_sets(fn):
+        return jax.jit(lambda x, w, chosen, *weights: [fn(x, w, chosen[i], *weights) for i in range(sets)])
+
     rows = []
     for n in (1, 4):
         x = jnp.asarray(rng.standard_normal((n, d)), DTYPE)
-        experts = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(n)]), jnp.int32)
+        chosen = np.stack([np.stack([rng.choice(e, k, replace=False) for _ in range(n)]) for _ in range(sets)])
         weights = jnp.asarray(rng.dirichlet(np.ones(k), n), jnp.float32)
-        args = (x, weights, experts, gate, up, down)
-        distinct = len(np.unique(np.asarray(experts)))
+        args = (x, weights, jnp.asarray(chosen, jnp.int32), gate, up, down)
+        distinct = float(np.mean([len(np.unique(c)) for c in chosen]))
         floor = distinct * 3 * d * f * 2 / bandwidth
         shape = "smoke" if smoke else "qwen3-30b-a3b"
-        case = f"{shape} experts, {n} tokens x top-{k}, {distinct} experts"
+        case = f"{shape} experts, {n} tokens x top-{k}, {distinct:.1f} experts"
         row = {"kernel": "expert_decode", "case": case, "floor_us": floor * 1e6}
-        grouped = jax.jit(functools.partial(grouped_experts, impl="pallas" if on_gpu else "xla"))
-        row["grouped_us"] = timeit(grouped, *args) * 1e6
-        want = moe_decode_reference(*args)
-        configs = MOE_DECODE_CONFIGS if on_gpu else MOE_DECODE_CONFIGS[:1]
-        best = None
-        for config in configs:
-            fn = jax.jit(functools.partial(moe_decode, config=config, interpret=not on_gpu))
-            seconds = timeit(fn, *args)
-            if best is None or seconds < best[0]:
-                best = (seconds, config, fn(*args))
-        row["decode_us"] = best[0] * 1e6
-        row["decode_x_floor"] = best[0] / floor
+        grouped = functools.partial(grouped_experts, impl="pallas" if on_gpu else "xla")
+        row["grouped_us"] = timeit(over_sets(grouped), *args) / sets * 1e6
+        want = moe_decode_reference(x, weights, args[2][0], gate, up, down)
+        sweep = []
+        for config in MOE_DECODE_CONFIGS if on_gpu else MOE_DECODE_CONFIGS[:1]:
+            fn = functools.partial(moe_decode, config=config, interpret=not on_gpu)
+            sweep.append((timeit(over_sets(fn), *args) / sets, config, fn))
+        seconds, config, fn = min(sweep, key=lambda r: r[0])
+        row["decode_us"] = seconds * 1e6
+        row["decode_x_floor"] = seconds / floor
         row["grouped_x_floor"] = row["grouped_us"] * 1e-6 / floor
-        row["decode_rel_err"] = rel_err(best[2], want)
-        row["decode_config"] = dataclasses.asdict(best[1])
+        row["decode_rel_err"] = rel_err(fn(x, weights, args[2][0], gate, up, down), want)
+        row["decode_config"] = dataclasses.asdict(config)
+        row["decode_sweep"] = [[dataclasses.asdict(c), t * 1e6] for t, c, _ in sweep]
         rows.append(row)
         print_row(row)
     return rows
@@ -272,32 +322,31 @@ def time_decode(step, params, token, position, caches, iters: int = 10, reps: in
 
 
 def bench_decode(layers: int, bandwidth: float, smoke: bool, on_gpu: bool) -> list[dict]:
-    from mobajax.attention import init_kv_cache
+    """The engine's decode step (paged KV pool, donated and updated in place) for each impl: "xla"
+    (XLA attention, `lax.ragged_dot` experts) and, on a GPU, the kernels ("pallas": Triton
+    paged_decode and MoE kernels; "mosaic": Mosaic grouped matmul)."""
     from mobajax.models.llama import Decoder
 
     rows = []
     context = 64 if smoke else 2048
-    impls = ("xla", "pallas", "mosaic") if on_gpu else ("xla",)  # pallas = Triton kernel
+    impls = ("xla", "pallas", "mosaic") if on_gpu else ("xla",)
     base = qwen3_30b_config(layers, "xla", smoke)
     module = Decoder(base, DTYPE)
     params = random_params(module)
     for batch in (1, 32) if not smoke else (1, 4):
-        caches = init_kv_cache(base.num_layers, batch, context + 8, base.num_kv_heads, base.head_dim, DTYPE)
-        # distinct random tokens: identical ones would all route to the same experts
-        token = jax.random.randint(jax.random.key(batch), (batch, 1), 0, base.vocab_size, jnp.int32)
-        position = jnp.full((batch, 1), context, jnp.int32)
-        fraction = routed_expert_fraction(module, params, token, position, caches)
+        token, inputs, pools = paged_decode_inputs(base, batch, context)
+        fraction = routed_expert_fraction(module, params, token, inputs, pools)
         floor = floor_bytes(base, params, batch, context, fraction) / bandwidth
         row = {"kernel": "decode_step", "case": f"qwen3-30b-a3b shape, {layers} layers, batch {batch}, ctx {context}",
                "floor_ms": floor * 1e3, "experts_read_fraction": fraction}
         for impl in impls:
-            config = dataclasses.replace(base, moe=dataclasses.replace(base.moe, impl=impl))
-            # the caches are donated and updated in place, as a serving engine's pool is
-            step = jax.jit(lambda p, t, pos, c, m=Decoder(config, DTYPE): m.apply({"params": p}, t, pos, c),
-                           donate_argnums=(3,))
-            fresh = init_kv_cache(base.num_layers, batch, context + 8, base.num_kv_heads, base.head_dim, DTYPE)
+            config = dataclasses.replace(
+                base, attention_impl="xla" if impl == "xla" else "pallas",
+                moe=dataclasses.replace(base.moe, impl=impl),
+            )
+            step = jax.jit(functools.partial(paged_apply, Decoder(config, DTYPE)), donate_argnums=(3,))
             try:
-                seconds = time_decode(step, params, token, position, fresh)
+                seconds = time_decode(step, params, token, inputs, paged_decode_inputs(base, batch, context)[2])
             except Exception as err:
                 print(f"  decode {impl}: {type(err).__name__}: {str(err)[:160]}", flush=True)
                 continue

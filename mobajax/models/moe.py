@@ -29,8 +29,8 @@ from jax.sharding import PartitionSpec as P
 
 from mobajax.models.config import MoEConfig
 from mobajax.models.layers import GatedMLP, dense
-from mobajax.pallas.grouped_matmul import grouped_matmul, grouped_matmul_mosaic
-from mobajax.pallas.moe_decode import moe_decode
+from mobajax.pallas.grouped_matmul import grouped_matmul, grouped_matmul_mosaic, mosaic_config_for
+from mobajax.pallas.moe_decode import fits, moe_decode
 
 
 def route(logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
@@ -51,9 +51,10 @@ def expert_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str)
     for "xla" and unspecified for the kernels (callers mask them)."""
     if impl == "xla":
         return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32).astype(x.dtype)
-    if impl == "pallas":
+    config = mosaic_config_for(w.shape[1], w.shape[2]) if impl == "mosaic" else None
+    if config is None:  # "pallas", or shapes the Mosaic kernel does not take
         return grouped_matmul(x, w, group_sizes)
-    return grouped_matmul_mosaic(x, w, group_sizes)
+    return grouped_matmul_mosaic(x, w, group_sizes, config=config)
 
 
 def run_experts(
@@ -71,14 +72,14 @@ def run_experts(
 
     x [N, D]; weights, experts [N, k]; gate, up [E_local, D, F]; down [E_local, F, D] hold experts
     first_expert .. first_expert + E_local - 1. Assignments to other experts contribute 0.
-    With the kernels ("pallas", "mosaic") and at most E_local / 2 assignments (decode), each
-    assignment runs on its own (`moe_decode`); otherwise `grouped_experts`.
+    With the kernels ("pallas", "mosaic"), at most E_local / 2 assignments (decode) and dims the
+    decode kernels take, each assignment runs on its own (`moe_decode`); otherwise `grouped_experts`.
     """
     n, k = experts.shape
     num_local = gate.shape[0]
     local = experts - first_expert
     local = jnp.where((local >= 0) & (local < num_local), local, -1)
-    if impl != "xla" and n * k <= num_local // 2:
+    if impl != "xla" and n * k <= num_local // 2 and fits(x.shape[1], gate.shape[2]):
         return moe_decode(x, weights, local, gate, up, down)
     return grouped_experts(x, weights, local, gate, up, down, impl=impl)
 

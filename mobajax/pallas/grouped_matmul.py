@@ -67,6 +67,16 @@ class GroupedMatmulMosaicConfig:
     skip_empty: bool = True  # items of no group (decode: most of them) skip their loads and wgmma
 
 
+def mosaic_config_for(k: int, n: int, config: GroupedMatmulMosaicConfig = GroupedMatmulMosaicConfig()):
+    """`config`, with grid_block_n lowered to 1 if N needs it, when the Mosaic kernel takes K and
+    N (K % block_k == 0, N % block_n == 0); None when it does not (use the Triton kernel)."""
+    if k % config.block_k or n % config.block_n:
+        return None
+    if n % (config.block_n * config.grid_block_n):
+        return dataclasses.replace(config, grid_block_n=1)
+    return config
+
+
 def _check(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> None:
     if lhs.ndim != 2 or rhs.ndim != 3:
         raise ValueError(f"lhs must be [M, K] and rhs [G, K, N], got {lhs.shape} and {rhs.shape}")

@@ -24,6 +24,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _semantics_tests_on_cpu(request):
+    """Tests not marked gpu check semantics (interpret mode against references in exact float32).
+    Where a GPU is visible they still run on the CPU backend: the GPU's default float32 dot is
+    TF32, which would fail a float32 tolerance without any kernel being wrong."""
+    if "gpu" in request.keywords or not _has_gpu():
+        yield
+        return
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
 @pytest.fixture
 def lower_for_gpu(monkeypatch):
     """Lower a jitted function for CUDA on a machine without a GPU (an H100 assumed), which runs

@@ -16,6 +16,7 @@ from mobajax.pallas.grouped_matmul import (
     grouped_matmul,
     grouped_matmul_mosaic,
     grouped_matmul_reference,
+    mosaic_config_for,
     work_list,
 )
 from tests.pallas.conftest import assert_close
@@ -151,3 +152,10 @@ def test_work_list_has_no_while_loop():
     """searchsorted unrolled: on the GPU a while loop costs launches and copies per step."""
     jaxpr = jax.make_jaxpr(lambda gs: work_list(gs, 256, 64))(jnp.ones(128, jnp.int32))
     assert "while" not in str(jaxpr)
+
+
+def test_mosaic_config_for_fits_or_declines():
+    base = GroupedMatmulMosaicConfig()
+    assert mosaic_config_for(2048, 768) == base  # 768 = 3 x (128 x 2)
+    assert mosaic_config_for(256, 128) == GroupedMatmulMosaicConfig(grid_block_n=1)
+    assert mosaic_config_for(32, 128) is None and mosaic_config_for(256, 96) is None

@@ -13,7 +13,7 @@ from mobajax.pallas.moe_decode import MoeDecodeConfig, moe_decode, moe_decode_re
 from tests.pallas.conftest import assert_close
 
 F32, BF16 = jnp.float32, jnp.bfloat16
-SMALL = MoeDecodeConfig(block_f=16, block_d=16, chunk=32)
+SMALL = MoeDecodeConfig(block_f=16, splits=2, block_d=16, down_splits=2, chunk=16)
 
 
 def _inputs(seed, n, top_k, e, d, f, dtype, not_held=0.0):
@@ -78,10 +78,16 @@ def test_bad_arguments_are_named():
         moe_decode(x, weights, experts.astype(F32), gate, up, down, interpret=True)
     with pytest.raises(ValueError, match="power of two"):
         MoeDecodeConfig(block_f=24)
+    with pytest.raises(ValueError, match="chunk must be at least 16"):
+        MoeDecodeConfig(chunk=8)
+    x, weights, experts, gate, up, down = _inputs(0, 2, 2, 4, 40, 16, F32)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        moe_decode(x, weights, experts, gate, up, down, interpret=True)
 
 
-def test_lowers_to_triton(lower_for_gpu):
-    args = _inputs(1, 1, 8, 16, 256, 128, BF16)
+@pytest.mark.parametrize("dtype", [BF16, F32])
+def test_lowers_to_triton(lower_for_gpu, dtype):
+    args = _inputs(1, 1, 8, 16, 256, 128, dtype)
     assert lower_for_gpu(moe_decode, *args).count("__gpu$xla.gpu.triton") == 2
 
 
