@@ -134,6 +134,12 @@ def _checks():
             fn = jax.jit(lambda *a, mesh=make_mesh(**shape): expert_parallel_experts(*a, mesh=mesh))
             assert collective in fn.lower(x, weights, experts, *w).compile().as_text()
             _close(fn(x, weights, experts, *w), ref, f"one expert, {n} tokens, {shape}")
+    # the GPU kernels trace inside the shard_map (decode kernels for 1 token, grouped for 40)
+    for impl in ("pallas", "mosaic"):
+        for n in (1, 40):
+            x, experts, weights = jnp.zeros((n, 64)), jnp.zeros((n, 1), jnp.int32), jnp.ones((n, 1))
+            fn = jax.jit(lambda *a, impl=impl: expert_parallel_experts(*a, mesh=make_mesh(expert=8), impl=impl))
+            fn.trace(x, weights, experts, *w)
     print("all parallel checks passed")
 
 

@@ -152,6 +152,7 @@ def expert_parallel_experts(
             spec, spec, spec, P("expert", None, "tensor"), P("expert", None, "tensor"), P("expert", "tensor", None)
         ),
         out_specs=spec,
+        check_vma=False,  # the kernels' pallas_calls declare no per-axis variance of their outputs
     )(x, weights, experts, gate, up, down)
 
 
