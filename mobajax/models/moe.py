@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from mobajax.models.config import MoEConfig
-from mobajax.models.layers import GatedMLP, dense
+from mobajax.models.layers import GatedMLP, dense, dot_general
 from mobajax.pallas.grouped_matmul import grouped_matmul, grouped_matmul_mosaic, mosaic_config_for
 from mobajax.pallas.moe_decode import fits, moe_decode
 
@@ -176,7 +176,9 @@ class SparseMoE(nn.Module):
         router = self.param("router", nn.initializers.lecun_normal(), (d, e), self.dtype)
         gate, up, down = _Experts(e, d, f, self.dtype, name="experts")()
         flat = x.reshape(b * t, d)
-        logits = flat.astype(jnp.float32) @ router.astype(jnp.float32)
+        # float32 throughout (HIGHEST: no TF32 on the GPU); `dot_general` keeps one token a GEMM
+        logits = dot_general(flat.astype(jnp.float32), router.astype(jnp.float32), (((1,), (0,)), ((), ())),
+                             precision=jax.lax.Precision.HIGHEST)
         weights, chosen = route(logits, c.top_k, c.norm_topk_prob)
         self.sow("intermediates", "chosen_experts", chosen)  # [B * T, top_k], with mutable=["intermediates"]
         if self.mesh is None:
