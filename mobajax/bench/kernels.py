@@ -2,7 +2,8 @@
 
 Paged decode (heads 32/8, H 128, bf16, page 16) against JAX's own Pallas `paged_attention` and an
 XLA gather + einsum baseline, each as a fraction of the device-to-device copy bandwidth measured in
-the same run; ragged paged prefill against cuDNN dense causal attention on equal work; the KV
+the same run; ragged paged prefill (the Triton kernel and, on Hopper, the Mosaic GPU one) against
+cuDNN dense causal attention on equal work; the KV
 write against an XLA scatter. Prints a table, writes kernels.json and kernels.png to --out.
 """
 
@@ -24,6 +25,7 @@ import numpy as np
 from mobajax.pallas.kv_write import kv_write, kv_write_reference
 from mobajax.pallas.paged_decode import PagedDecodeConfig, auto_num_splits, paged_decode
 from mobajax.pallas.paged_prefill import PagedPrefillConfig, paged_prefill
+from mobajax.pallas.paged_prefill_mosaic import PagedPrefillMosaicConfig, fits, paged_prefill_mosaic
 
 N, K, H, G = 32, 8, 128, 16
 DTYPE = jnp.bfloat16
@@ -35,6 +37,11 @@ DECODE_TILES = ((64, 4), (128, 3))
 PREFILL_CONFIGS = (
     PagedPrefillConfig(),
     PagedPrefillConfig(block_m=128, block_kv=64, num_warps=4, num_stages=2),
+)
+MOSAIC_PREFILL_CONFIGS = (
+    PagedPrefillMosaicConfig(),
+    PagedPrefillMosaicConfig(block_kv=64, stages=4),
+    PagedPrefillMosaicConfig(block_kv=128, stages=3),
 )
 
 
@@ -200,6 +207,11 @@ def bench_prefill(rate: float, quick: bool) -> list[dict]:
             ours[config] = (timeit(fn, *args), err)
         best = min(ours, key=lambda c: ours[c][0])
         t_ours, err = ours[best]
+        mosaic = {}
+        if fits(q, k_pages):
+            for config in MOSAIC_PREFILL_CONFIGS[:1] if quick else MOSAIC_PREFILL_CONFIGS:
+                fn = jax.jit(lambda *a, c=config: paged_prefill_mosaic(*a, config=c))
+                mosaic[config] = (timeit(fn, *args), rel_err(fn(*args), reference))
         rows.append(
             dict(
                 kernel="paged_prefill",
@@ -219,6 +231,17 @@ def bench_prefill(rate: float, quick: bool) -> list[dict]:
                 jax_mha_rel_err=mha_err,
             )
         )
+        if mosaic:
+            fastest = min(mosaic, key=lambda c: mosaic[c][0])
+            t_mosaic, err = mosaic[fastest]
+            rows[-1].update(
+                mosaic_ms=t_mosaic * 1e3,
+                mosaic_tflops=flops / t_mosaic / 1e12,
+                mosaic_ratio_vs_cudnn=t_cudnn / t_mosaic,
+                mosaic_rel_err=err,
+                mosaic_config=repr(fastest),
+                mosaic_all_configs_ms={repr(c): v[0] * 1e3 for c, v in mosaic.items()},
+            )
         print_row(rows[-1])
     return rows
 
@@ -285,9 +308,10 @@ def plot(rows: list[dict], path: str) -> None:
     axes[0].set_title("paged decode, heads 32/8, H 128, bf16, page 16")
     axes[0].legend(fontsize=8)
     x = np.arange(len(pre))
-    axes[1].bar(x - 0.27, [r["ours_tflops"] for r in pre], 0.27, label="mobajax paged_prefill")
-    axes[1].bar(x, [r["peer_tflops"] for r in pre], 0.27, label="cuDNN dense causal")
-    axes[1].bar(x + 0.27, [r["jax_mha_tflops"] for r in pre], 0.27, label="jax Pallas mha")
+    bars = (("ours_tflops", "mobajax paged_prefill (Triton)"), ("mosaic_tflops", "mobajax paged_prefill_mosaic"),
+            ("peer_tflops", "cuDNN dense causal"), ("jax_mha_tflops", "jax Pallas mha"))
+    for i, (key, label) in enumerate(bars):
+        axes[1].bar(x + (i - 1.5) * 0.2, [r.get(key, 0.0) for r in pre], 0.2, label=label)
     axes[1].set_xticks(x, [r["case"] for r in pre], fontsize=8)
     axes[1].set_ylabel("TFLOP/s")
     axes[1].set_title("prefill, batch 1")
