@@ -65,3 +65,25 @@ def test_time_decode_feeds_each_call_the_previous_caches():
 
     assert moe.time_decode(step, None, None, None, 0, iters=2, reps=2) > 0
     assert seen == list(range(len(seen))) and len(seen) == 5  # warm-up + 2 x 2
+
+
+def test_chained_steps_equal_single_steps():
+    """The engine-style chain of decode steps in one call computes what the steps do one by one."""
+    import jax
+    import numpy as np
+
+    from mobajax.models.llama import Decoder
+
+    config = moe.qwen3_30b_config(2, "xla", smoke=True)
+    module = Decoder(config, moe.DTYPE)
+    params = moe.random_params(module)
+    token, inputs, pools = moe.paged_decode_inputs(config, 2, 20)
+    total, want = 0.0, pools
+    for _ in range(3):
+        logits, want = moe.paged_apply(module, params, token, inputs, want)
+        total += float(logits[0, 0, 0])
+    acc, got = moe.chained_steps(module, 3)(params, token, inputs, moe.paged_decode_inputs(config, 2, 20)[2])
+    assert float(acc) == pytest.approx(total, rel=1e-5)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):  # bf16: one jit vs op by op
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=2e-2)
+    assert np.abs(np.asarray(jax.tree.leaves(want)[0], np.float32)).sum() > 0  # the steps wrote K/V
