@@ -164,9 +164,9 @@ def floor_bytes(config, params, batch: int, context: int, expert_fraction: float
 
 def paged_decode_inputs(config, batch: int, context: int, page_size: int = 16):
     """One decode token per sequence after `context` cached ones, laid out as the serving engine
-    lays a decode step out: a flat batch [1, B] over a zeroed page pool (sequence b on pages
-    b * P_max ... (b + 1) * P_max - 1) -> (token, (position, metadata), pools: (k, v) pages
-    [P, G, K, H] per layer)."""
+    lays a decode step out: a flat batch over a zeroed page pool (sequence b on pages
+    b * P_max ... (b + 1) * P_max - 1) -> (tokens [B], (positions [B], metadata), pools:
+    (k, v, None) per layer, k/v pages [P, G, K, H]), the arguments of `paged_step`."""
     from mobajax.attention import PagedMetadata
 
     p_max = context // page_size + 1
@@ -181,27 +181,27 @@ def paged_decode_inputs(config, batch: int, context: int, page_size: int = 16):
         decode=True,
     )
     # distinct random tokens: identical ones would all route to the same experts
-    token = jax.random.randint(jax.random.key(batch), (1, batch), 0, config.vocab_size, jnp.int32)
-    position = jnp.full((1, batch), context, jnp.int32)
-    pools = tuple((jnp.zeros(shape, DTYPE), jnp.zeros(shape, DTYPE)) for _ in range(config.num_layers))
-    return token, (position, meta), pools
+    tokens = jax.random.randint(jax.random.key(batch), (batch,), 0, config.vocab_size, jnp.int32)
+    positions = jnp.full((batch,), context, jnp.int32)
+    pools = tuple((jnp.zeros(shape, DTYPE), jnp.zeros(shape, DTYPE), None) for _ in range(config.num_layers))
+    return tokens, (positions, meta), pools
 
 
-def paged_apply(module, params, token, inputs, pools, **kwargs):
-    """`module` over `paged_decode_inputs` -> (logits, pools) (or the output of `mutable`)."""
+def paged_step(module, params, tokens, inputs, pools):
+    """One decode step over `paged_decode_inputs`, the engine's `paged_forward` -> (logits, pools)."""
+    from mobajax.serving.model_runner import paged_forward
+
+    positions, meta = inputs
+    return paged_forward(module, params, pools, tokens, positions, meta, None)
+
+
+def routed_expert_fraction(module, params, tokens, inputs, pools) -> float:
+    """Distinct experts the step's tokens are routed to, over all experts, averaged over layers."""
     from mobajax.attention import PagedKVCache
 
-    position, meta = inputs
-    caches = tuple(PagedKVCache(k, v, meta) for k, v in pools)
-    out, state = module.apply({"params": params}, token, position, caches, **kwargs)
-    if kwargs:
-        return out, state
-    return out, tuple((c.k_pages, c.v_pages) for c in state)
-
-
-def routed_expert_fraction(module, params, token, inputs, pools) -> float:
-    """Distinct experts the step's tokens are routed to, over all experts, averaged over layers."""
-    _, state = paged_apply(module, params, token, inputs, pools, mutable=["intermediates"])
+    positions, meta = inputs
+    caches = tuple(PagedKVCache(k, v, meta) for k, v, _ in pools)
+    _, state = module.apply({"params": params}, tokens[None], positions[None], caches, mutable=["intermediates"])
     chosen = jax.tree.leaves(state["intermediates"])  # one [B, top_k] per MoE layer
     e = module.config.moe.num_experts
     return float(np.mean([len(np.unique(np.asarray(c))) / e for c in chosen]))
@@ -323,14 +323,14 @@ def time_decode(step, params, token, position, caches, iters: int = 10, reps: in
 
 def chained_steps(module, num_steps: int):
     """`num_steps` decode steps in one jitted call, as the engine chains them (fori_loop over
-    `paged_apply`, the same token each step) -> step(params, token, inputs, pools) ->
+    `paged_step`, the same tokens each step) -> step(params, tokens, inputs, pools) ->
     (sum of the steps' first logits, pools); pools donated."""
 
-    def chain(params, token, inputs, pools):
+    def chain(params, tokens, inputs, pools):
         def body(i, carry):
             pools, acc = carry
-            logits, pools = paged_apply(module, params, token, inputs, pools)
-            return pools, acc + logits[0, 0, 0]
+            logits, pools = paged_step(module, params, tokens, inputs, pools)
+            return pools, acc + logits[0, 0]
 
         pools, acc = jax.lax.fori_loop(0, num_steps, body, (pools, jnp.float32(0)))
         return acc, pools
@@ -362,7 +362,7 @@ def bench_decode(layers: int, bandwidth: float, smoke: bool, on_gpu: bool, chain
                 base, attention_impl="xla" if impl == "xla" else "pallas",
                 moe=dataclasses.replace(base.moe, impl=impl),
             )
-            step = jax.jit(functools.partial(paged_apply, Decoder(config, DTYPE)), donate_argnums=(3,))
+            step = jax.jit(functools.partial(paged_step, Decoder(config, DTYPE)), donate_argnums=(3,))
             try:
                 seconds = time_decode(step, params, token, inputs, paged_decode_inputs(base, batch, context)[2])
             except Exception as err:

@@ -124,7 +124,7 @@ def paged_prefill_kernel(
     plgpu.store(lse_ref.at[pl.ds(start, block_q)], lse.reshape(block_q, gq), mask=row_ok[:, None])
 
 
-def _check(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens):
+def check_inputs(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens):
     check_pool(q, k_pages, v_pages, "[T, N, H]")
     if page_table.ndim != 2 or page_table.dtype != jnp.int32:
         raise ValueError(f"page_table must be int32 [B, P_max], got {page_table.dtype}{page_table.shape}")
@@ -135,7 +135,7 @@ def _check(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens):
         raise ValueError(f"kv_lens must be int32 [B={b}], got {kv_lens.dtype}{kv_lens.shape}")
 
 
-def _schedule(cu_q_lens: jax.Array, block_q: int, num_blocks: int):
+def block_schedule(cu_q_lens: jax.Array, block_q: int, num_blocks: int):
     """Cut each sequence's rows into blocks of block_q: (seq, first row, valid rows) per block,
     [num_blocks] int32 each; blocks past the last hold 0 valid rows."""
     b = cu_q_lens.shape[0] - 1
@@ -171,7 +171,7 @@ def paged_prefill(
     Returns out [T, N, H] in q's dtype, or (out, lse [T, N] float32, natural log) with
     `return_lse`. `scale` defaults to H ** -0.5. See the module docstring for the contract.
     """
-    _check(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens)
+    check_inputs(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens)
     t, n, h = q.shape
     num_pages, g, kv_heads, _ = k_pages.shape
     b = page_table.shape[0]
@@ -183,7 +183,7 @@ def paged_prefill(
     num_blocks = -(-t // block_q) + b
     t_pad = t + block_q
     q4 = jnp.pad(q.reshape(t, kv_heads, gq, h), ((0, block_q), (0, 0), (0, gq_pad - gq), (0, 0)))
-    seq, start, count = _schedule(cu_q_lens, block_q, num_blocks)
+    seq, start, count = block_schedule(cu_q_lens, block_q, num_blocks)
     o_init = jnp.zeros(q4.shape, q.dtype)
     lse_init = jnp.full(q4.shape[:-1], -jnp.inf, jnp.float32)
 

@@ -27,16 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from mobajax.pallas.paged_prefill import _check, _schedule
-
-LOG2E = math.log2(math.e)
+from mobajax.pallas import online_softmax as osm
+from mobajax.pallas.paged_prefill import block_schedule, check_inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,9 +112,9 @@ def paged_prefill_mosaic(
     -> out [T, N, H] (see `mobajax.pallas.paged_prefill` for the contract)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    _check(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens)
+    check_inputs(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens)
     t, n, h = q.shape
-    num_pages, g, kv_heads, _ = k_pages.shape
+    _, g, kv_heads, _ = k_pages.shape
     b, p_max = page_table.shape
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"the Mosaic kernel takes bf16 or f16, got {q.dtype}")
@@ -129,7 +127,7 @@ def paged_prefill_mosaic(
     ppb = bkv // g
     gq = n // kv_heads
     num_blocks = -(-t // (2 * bq)) + b
-    seq, start, count = _schedule(cu_q_lens, 2 * bq, num_blocks)
+    seq, start, count = block_schedule(cu_q_lens, 2 * bq, num_blocks)
     t_pad = -(-t // 8) * 8
     qp = jnp.pad(q, ((0, t_pad - t), (0, 0), (0, 0)))
     dtype = q.dtype
@@ -176,7 +174,7 @@ def paged_prefill_mosaic(
 
                 sc = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
-                sc = sc * (scale * LOG2E)
+                sc = sc * (scale * osm.LOG2E)
                 if masked:
                     qi = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA)
                     ki = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)

@@ -48,7 +48,10 @@ def _copy_pages(pools: Pools, src: jax.Array, dst: jax.Array) -> Pools:
     return jax.tree.map(lambda x: x.at[target].set(x[src], mode="drop"), pools)
 
 
-def _forward(module, params, pools: Pools, tokens, positions, meta: PagedMetadata, logits_index):
+def paged_forward(module, params, pools: Pools, tokens, positions, meta: PagedMetadata, logits_index):
+    """The model over the page pool: tokens, positions [T] (a flat batch described by `meta`);
+    pools: (k, v, k_sums) per layer -> (logits [T', V] at logits_index (all rows if None),
+    updated pools)."""
     caches = tuple(PagedKVCache(k, v, meta, k_sums) for k, v, k_sums in pools)
     logits, caches = module.apply({"params": params}, tokens[None], positions[None], caches, logits_index)
     return logits[0], tuple((c.k_pages, c.v_pages, c.k_sums) for c in caches)
@@ -56,7 +59,7 @@ def _forward(module, params, pools: Pools, tokens, positions, meta: PagedMetadat
 
 def _step(module, params, pools, copy_src, copy_dst, tokens, positions, meta, logits_index, arrays, *, flags: Flags):
     pools = _copy_pages(pools, copy_src, copy_dst)
-    logits, pools = _forward(module, params, pools, tokens, positions, meta, logits_index)
+    logits, pools = paged_forward(module, params, pools, tokens, positions, meta, logits_index)
     return pools, sample(logits, arrays, **flags._asdict())
 
 
@@ -68,7 +71,7 @@ def _decode(module, params, pools, tokens, positions, slots, page_table, remaini
     def body(i, carry):
         pools, last, alive, counts, out = carry
         meta = PagedMetadata(jnp.where(alive, slots[i], -1), page_table, cu, positions + i + 1, row_ids, decode=True)
-        logits, pools = _forward(module, params, pools, last, jnp.where(alive, positions + i, -1), meta, row_ids)
+        logits, pools = paged_forward(module, params, pools, last, jnp.where(alive, positions + i, -1), meta, row_ids)
         step_arrays = arrays._replace(counters=arrays.counters + i, counts=counts)
         s = sample(logits, step_arrays, **flags._asdict())
         out = Sampled(*(o.at[i].set(x) for o, x in zip(out, s)))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 
+@functools.cache
 def _has_gpu() -> bool:
     try:
         return bool(jax.devices("gpu"))

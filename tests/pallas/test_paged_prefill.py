@@ -130,7 +130,7 @@ def test_lowers_to_triton(lower_for_gpu):
 
 def test_block_schedule_has_no_while_loop():
     """searchsorted unrolled: on the GPU a while loop costs launches and copies per step."""
-    from mobajax.pallas.paged_prefill import _schedule
+    from mobajax.pallas.paged_prefill import block_schedule
 
-    jaxpr = jax.make_jaxpr(lambda cu: _schedule(cu, 32, 40))(jnp.arange(0, 65, 8, dtype=jnp.int32))
+    jaxpr = jax.make_jaxpr(lambda cu: block_schedule(cu, 32, 40))(jnp.arange(0, 65, 8, dtype=jnp.int32))
     assert "while" not in str(jaxpr)

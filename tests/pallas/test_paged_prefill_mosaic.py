@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mobajax.pallas.paged_prefill import _schedule, paged_prefill_reference
+from mobajax.pallas.paged_prefill import block_schedule, paged_prefill_reference
 from mobajax.pallas.paged_prefill_mosaic import PagedPrefillMosaicConfig, fits, paged_prefill_mosaic, tile_counts
 from tests.pallas.conftest import assert_close
 
@@ -60,7 +60,7 @@ def test_tile_counts_cover_exactly_the_visible_keys(q_lens, cached):
     bq, bkv = 64, 128
     q_lens, kv_lens = np.asarray(q_lens), np.asarray(q_lens) + np.asarray(cached)
     cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    seq, start, count = (np.asarray(a) for a in _schedule(jnp.asarray(cu), 2 * bq, -(-cu[-1] // (2 * bq)) + len(q_lens)))
+    seq, start, count = (np.asarray(a) for a in block_schedule(jnp.asarray(cu), 2 * bq, -(-cu[-1] // (2 * bq)) + len(q_lens)))
     assert (count == 0).any()  # unused blocks are part of the check
     for s, row0, rows in zip(seq, start, count):
         pos0 = kv_lens[s] - q_lens[s] + (row0 - cu[s])
