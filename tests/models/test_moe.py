@@ -243,3 +243,16 @@ def test_run_experts_local_slice_and_skew():
     h = jax.nn.silu(x @ w[0][3]) * (x @ w[1][3])
     np.testing.assert_allclose(np.asarray(skew), np.asarray((h @ w[2][3]) * weights.sum(-1, keepdims=True)),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_one_token_router_is_a_two_row_float32_gemm_at_highest_precision():
+    """At one token the router's [1, D] x [D, E] product runs as two rows (XLA on the GPU turns a
+    one-row dot with a small matrix into a multiply + reduce) and at HIGHEST precision (no TF32)."""
+    config = MoEConfig(num_experts=8, top_k=2, intermediate_size=32, norm_topk_prob=True)
+    x = jnp.ones((1, 1, 64), jnp.float32)
+    module = SparseMoE(config)
+    params = module.init(jax.random.key(0), x)["params"]
+    jaxpr = jax.make_jaxpr(lambda p, x: module.apply({"params": p}, x))(params, x)
+    router = [e for e in jaxpr.eqns if e.primitive.name == "dot_general" and e.invars[1].aval.shape == (64, 8)]
+    assert [e.invars[0].aval.shape for e in router] == [(2, 64)]
+    assert router[0].params["precision"] == (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
