@@ -26,6 +26,7 @@ from mobajax.moba_masks import (
 )
 from mobajax.pallas.kv_write import kv_write, kv_write_reference
 from mobajax.pallas.paged_decode import paged_decode
+from mobajax.pallas import paged_prefill_mosaic as mosaic_prefill
 from mobajax.pallas.paged_prefill import paged_prefill
 
 IMPLEMENTATIONS = ("xla", "pallas")
@@ -252,7 +253,8 @@ def _attend_paged(q, k, v, positions, cache: PagedKVCache, spec: AttentionSpec, 
         if meta.decode:
             out = paged_decode(q[0], k_pages, v_pages, meta.page_table, meta.kv_lens, scale=scale)
         else:
-            out = paged_prefill(q[0], k_pages, v_pages, meta.page_table, meta.cu_q_lens, meta.kv_lens, scale=scale)
+            prefill = mosaic_prefill.paged_prefill_mosaic if mosaic_prefill.fits(q[0], k_pages) else paged_prefill
+            out = prefill(q[0], k_pages, v_pages, meta.page_table, meta.cu_q_lens, meta.kv_lens, scale=scale)
     else:
         out = paged_attention_xla(
             q[0], k_pages, v_pages, meta, positions[0], scale=scale, sliding_window=spec.sliding_window,

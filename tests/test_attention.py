@@ -141,6 +141,31 @@ def test_pallas_dispatch_equals_xla(monkeypatch, decode):
     np.testing.assert_array_equal(np.asarray(outs["pallas"][1].k_pages), np.asarray(outs["xla"][1].k_pages))
 
 
+def test_pallas_prefill_takes_the_mosaic_kernel_where_it_fits(monkeypatch):
+    """Where `paged_prefill_mosaic.fits` (a Hopper GPU), mixed batches go to the Mosaic kernel with
+    the Triton kernel's arguments; elsewhere to the Triton kernel."""
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return mobajax.pallas.paged_prefill.paged_prefill(*args, **kwargs, interpret=True)
+
+    monkeypatch.setattr(mobajax.attention, "kv_write", functools.partial(mobajax.attention.kv_write, interpret=True))
+    monkeypatch.setattr(mobajax.attention, "paged_prefill", lambda *a, **kw: pytest.fail("took the Triton kernel"))
+    monkeypatch.setattr(mobajax.pallas.paged_prefill_mosaic, "paged_prefill_mosaic", recording)
+    monkeypatch.setattr(mobajax.pallas.paged_prefill_mosaic, "fits", lambda q, k_pages: True)
+    rng = np.random.default_rng(5)
+    k_pages, v_pages, meta, positions = build_paged_batch(rng, [0, 9], [12, 3], 16, 8, 2, 16)
+    t = len(positions)
+    q, k_new, v_new = (jnp.asarray(rng.standard_normal((1, t, x, 16)), jnp.float32) for x in (4, 2, 2))
+    outs = {}
+    for impl in ("xla", "pallas"):
+        cache = PagedKVCache(jnp.asarray(k_pages), jnp.asarray(v_pages), meta)
+        outs[impl] = attend(q, k_new, v_new, jnp.asarray(positions)[None], cache, AttentionSpec(impl=impl), scale=0.25)[0]
+    assert calls == [{"scale": 0.25}]
+    np.testing.assert_allclose(np.asarray(outs["pallas"]), np.asarray(outs["xla"]), atol=2e-5)
+
+
 def test_pallas_impl_rejects_sliding_window():
     with pytest.raises(ValueError, match="no sliding window"):
         AttentionSpec(impl="pallas", sliding_window=4)
