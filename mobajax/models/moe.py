@@ -1,9 +1,10 @@
 """Sparse mixture-of-experts block of the Llama family (Mixtral, Qwen2-MoE, Qwen3-MoE).
 
 Router in float32: softmax over the E experts, top-k, optionally renormalised to sum to 1
-(`norm_topk_prob`; Mixtral always). Tokens are sorted by expert and the experts run as grouped
-matmuls (`mobajax.pallas.grouped_matmul`); outputs are weighted and scattered back. Qwen2-MoE adds
-a dense shared expert scaled by sigmoid(shared_expert_gate(x)).
+(`norm_topk_prob`; Mixtral always); one `router_top_k` kernel with the kernel impls. Tokens are
+sorted by expert and the experts run as grouped matmuls (`mobajax.pallas.grouped_matmul`);
+outputs are weighted and scattered back. Qwen2-MoE adds a dense shared expert scaled by
+sigmoid(shared_expert_gate(x)).
 
 With a mesh (`mobajax.parallel`), the experts run in a `jax.shard_map`: experts sharded over the
 `expert` axis (their F dim over `tensor`). Tokens arrive split over the devices (data-parallel
@@ -31,19 +32,15 @@ from mobajax.models.config import MoEConfig
 from mobajax.models.layers import GatedMLP, dense, dot_general
 from mobajax.pallas.grouped_matmul import grouped_matmul, grouped_matmul_mosaic, mosaic_config_for
 from mobajax.pallas.moe_decode import fits, moe_decode
+from mobajax.pallas.router_top_k import route_reference, router_top_k
 
 
-def route(logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
-    """Router logits [N, E] -> (weights [N, k] float32, experts [N, k] int32), HF semantics.
-
-    Softmax in float32 over all experts, then the top-k probabilities (renormalised to sum to 1
-    if `normalize`). Finite for any finite logits: the softmax subtracts the row maximum.
-    """
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    weights, experts = jax.lax.top_k(probs, top_k)
-    if normalize:
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return weights, experts.astype(jnp.int32)
+def route(logits: jax.Array, top_k: int, normalize: bool, impl: str = "xla") -> tuple[jax.Array, jax.Array]:
+    """Router logits [N, E] -> (weights [N, k] float32, experts [N, k] int32), HF semantics
+    (`route_reference`): impl "xla" runs it as XLA ops, the kernel impls as one `router_top_k`."""
+    if impl == "xla":
+        return route_reference(logits, top_k, normalize)
+    return router_top_k(logits, top_k, normalize)
 
 
 def expert_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str) -> jax.Array:
@@ -179,7 +176,7 @@ class SparseMoE(nn.Module):
         # float32 throughout (HIGHEST: no TF32 on the GPU); `dot_general` keeps one token a GEMM
         logits = dot_general(flat.astype(jnp.float32), router.astype(jnp.float32), (((1,), (0,)), ((), ())),
                              precision=jax.lax.Precision.HIGHEST)
-        weights, chosen = route(logits, c.top_k, c.norm_topk_prob)
+        weights, chosen = route(logits, c.top_k, c.norm_topk_prob, c.impl)
         self.sow("intermediates", "chosen_experts", chosen)  # [B * T, top_k], with mutable=["intermediates"]
         if self.mesh is None:
             out = run_experts(flat, weights, chosen, gate, up, down, impl=c.impl)
