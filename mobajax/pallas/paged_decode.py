@@ -14,7 +14,7 @@ Page-table entries at or past cdiv(lengths[b], G) are never read, so they may ho
 Kernel: one program per (sequence, kv head, split). The N // K query heads of a kv head are
 folded into the rows of one tile (GQA), so each K/V tile is read once for all of them. Split-K
 cuts a sequence's pages into `num_splits` ranges whose partial (out, lse) are merged exactly
-with `merge_states` (long contexts at small batch).
+by `merge_states_kernel` (long contexts at small batch).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mobajax.pallas import online_softmax as osm
-from mobajax.pallas.attention_chunk import HEAD_DIMS, merge_states
+from mobajax.pallas.attention_chunk import HEAD_DIMS
+from mobajax.pallas.merge_kernel import merge_states_kernel
 
 PAGE_SIZES = (8, 16, 32, 64, 128)
 # Programs to aim for when choosing num_splits automatically (about 8 per SM of an H100; the
@@ -212,10 +213,11 @@ def paged_decode(
         name="paged_decode",
     )(lengths, page_table, q, k_pages, v_pages)
     if splits == 1:
-        out, lse = out[0], lse[0]
+        out, lse = out[0].astype(q.dtype), lse[0]
     else:
-        out, lse = merge_states(out, lse)
-    out = out.astype(q.dtype)
+        out, lse = merge_states_kernel(out.reshape(splits, b * n, h), lse.reshape(splits, b * n),
+                                       out_dtype=q.dtype, interpret=interpret)
+        out, lse = out.reshape(b, n, h), lse.reshape(b, n)
     return (out, lse) if return_lse else out
 
 
