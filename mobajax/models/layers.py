@@ -15,9 +15,7 @@ import jax.numpy as jnp
 
 from mobajax.attention import AttentionSpec, KVCache, attend
 from mobajax.models.config import RopeConfig
-from mobajax.models.norm import rms_norm
 from mobajax.models.rope import apply_rope, inverse_frequencies
-from mobajax.pallas.qk_norm_rope import qk_norm_rope
 
 
 class RMSNorm(nn.Module):
@@ -28,19 +26,10 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return rms_norm(x, self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype), self.eps)
-
-
-class NormScale(nn.Module):
-    """The [features] scale of an RMSNorm without the norm (a kernel applies it): named like the
-    RMSNorm it stands for, it holds the same parameter, "scale"."""
-
-    features: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self) -> jax.Array:
-        return self.param("scale", nn.initializers.ones, (self.features,), self.dtype)
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return scale * normed.astype(x.dtype)
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None) -> jax.Array:
@@ -83,8 +72,7 @@ class Attention(nn.Module):
     """Self-attention with RoPE, GQA, optional q/k/v bias and q/k RMSNorm (Qwen3).
 
     x [B, T, D], positions [B, T] -> ([B, T, D], updated cache). The attention itself goes
-    through `mobajax.attention.attend` (the single dispatch point). With the "pallas" impl and a
-    power-of-two head dim, the q/k norms and rotations run as one `qk_norm_rope` kernel.
+    through `mobajax.attention.attend` (the single dispatch point).
     """
 
     num_heads: int
@@ -107,21 +95,12 @@ class Attention(nn.Module):
         q = dense(n * h, "q_proj", self.qkv_bias, self.dtype)(x).reshape(b, t, n, h)
         key = dense(k * h, "k_proj", self.qkv_bias, self.dtype)(x).reshape(b, t, k, h)
         value = dense(k * h, "v_proj", self.qkv_bias, self.dtype)(x).reshape(b, t, k, h)
+        if self.qk_norm:
+            q = RMSNorm(self.norm_eps, self.dtype, name="q_norm")(q)
+            key = RMSNorm(self.norm_eps, self.dtype, name="k_norm")(key)
         inv_freq, rope_factor = inverse_frequencies(self.rope, h)
-        if self.spec.impl == "pallas" and h & (h - 1) == 0:  # one kernel for the norms and rotations
-            scales = {}
-            if self.qk_norm:
-                scales = dict(q_scale=NormScale(h, self.dtype, name="q_norm")(),
-                              k_scale=NormScale(h, self.dtype, name="k_norm")())
-            q, key = qk_norm_rope(q.reshape(b * t, n, h), key.reshape(b * t, k, h), positions.reshape(b * t),
-                                  jnp.asarray(inv_freq), attention_factor=rope_factor, eps=self.norm_eps, **scales)
-            q, key = q.reshape(b, t, n, h), key.reshape(b, t, k, h)
-        else:
-            if self.qk_norm:
-                q = RMSNorm(self.norm_eps, self.dtype, name="q_norm")(q)
-                key = RMSNorm(self.norm_eps, self.dtype, name="k_norm")(key)
-            q = apply_rope(q, positions, inv_freq, rope_factor)
-            key = apply_rope(key, positions, inv_freq, rope_factor)
+        q = apply_rope(q, positions, inv_freq, rope_factor)
+        key = apply_rope(key, positions, inv_freq, rope_factor)
         out, cache = attend(q, key, value, positions, cache, self.spec, scale=h**-0.5)
         out = dense(d, "o_proj", self.o_bias, self.dtype)(out.reshape(b, t, n * h))
         return out, cache
