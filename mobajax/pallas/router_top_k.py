@@ -22,7 +22,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from mobajax.pallas.online_softmax import next_power_of_two
 
-ROWS = 16  # tokens per program
+ROWS = 16  # tokens per program (fewer when there are fewer tokens)
 MAX_EXPERTS = 1024  # the [ROWS, E] float32 tile must fit in registers
 
 
@@ -39,9 +39,9 @@ def route_reference(logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax
     return weights, experts.astype(jnp.int32)
 
 
-def _kernel(logits_ref, weights_ref, experts_ref, *, top_k: int, normalize: bool, e_pad: int, k_pad: int):
+def _kernel(logits_ref, weights_ref, experts_ref, *, top_k: int, normalize: bool, rows: int, e_pad: int, k_pad: int):
     m, e = logits_ref.shape
-    row = pl.program_id(0) * ROWS + jnp.arange(ROWS)
+    row = pl.program_id(0) * rows + jnp.arange(rows)
     live_row = row < m
     col = jnp.arange(e_pad)
     real = col < e
@@ -62,7 +62,7 @@ def _kernel(logits_ref, weights_ref, experts_ref, *, top_k: int, normalize: bool
         remaining = jnp.where(col[None, :] == index, -1.0, remaining)
         return remaining, weights, experts
 
-    init = (remaining, jnp.zeros((ROWS, k_pad), jnp.float32), jnp.zeros((ROWS, k_pad), jnp.int32))
+    init = (remaining, jnp.zeros((rows, k_pad), jnp.float32), jnp.zeros((rows, k_pad), jnp.int32))
     _, weights, experts = lax.fori_loop(0, top_k, pick, init)
     if normalize:
         weights = weights / jnp.sum(weights, axis=1, keepdims=True)
@@ -87,16 +87,18 @@ def router_top_k(
     if m == 0:
         return jnp.zeros((0, top_k), jnp.float32), jnp.zeros((0, top_k), jnp.int32)
     whole = lambda shape: pl.BlockSpec(shape, lambda i: (0, 0))  # noqa: E731 (rows picked in the kernel)
+    rows, e_pad = min(ROWS, next_power_of_two(m)), next_power_of_two(e)
     kernel = functools.partial(
-        _kernel, top_k=top_k, normalize=normalize, e_pad=next_power_of_two(e), k_pad=next_power_of_two(top_k)
+        _kernel, top_k=top_k, normalize=normalize, rows=rows, e_pad=e_pad, k_pad=next_power_of_two(top_k)
     )
     return pl.pallas_call(
         kernel,
-        grid=(pl.cdiv(m, ROWS),),
+        grid=(pl.cdiv(m, rows),),
         in_specs=[whole((m, e))],
         out_specs=[whole((m, top_k)), whole((m, top_k))],
         out_shape=[jax.ShapeDtypeStruct((m, top_k), jnp.float32), jax.ShapeDtypeStruct((m, top_k), jnp.int32)],
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        # one warp while the tile is small: the k rounds of reductions stay within the warp (shuffles)
+        compiler_params=plgpu.CompilerParams(num_warps=1 if rows * e_pad <= 1024 else 4, num_stages=1),
         interpret=interpret,
         name="router_top_k",
     )(logits)
