@@ -5,8 +5,9 @@ Pipeline (one jit):
    best past chunks -> sel [T, N, top_k] int32 (the only selection state in HBM).
 2. Work list (XLA): every (token, head, slot) row goes to the bucket (chunk, kv head) it reads;
    one sort by bucket, then tiles of `block_q` rows that all read the same chunk of one kv head.
-3. `moba_attention_kernel`: per tile, gather the query rows, stream the chunk's keys (own-chunk rows
-   masked causally), write a normalised partial output and its log-sum-exp per row.
+3. `moba_attention_kernel`: per tile, gather the query rows, stream the chunk's keys (blocks that
+   every row sees whole as contiguous loads without a mask; the chunk's tail and the blocks that
+   cross a row's position masked), write a normalised partial output and its log-sum-exp per row.
 4. Merge (XLA): the top_k partial states of each (token, head) combine by their log-sum-exps.
 Rows of all the query heads of one kv head share a tile, so K/V are read per kv head (GQA-native)
 and every matmul is a dense [block_q, H] x [H, block_k] tile, whatever each token selected.
@@ -124,27 +125,38 @@ def moba_attention_kernel(
         num_keys = k_ref.shape[0]
         offs = jnp.arange(block_k)
 
-        def body(j, carry):
+        def step(j, carry, kk, vv, seen):
             acc, m, l = carry
-            idx = j * block_k + offs
-            keys = jnp.minimum(start + idx, num_keys - 1)
-            kk = plgpu.load(gather_rows(k_ref, keys, h))  # [block_k, H]
             s = plgpu.dot(q, kk, trans_b=True) * (scale * _LOG2E)  # [block_q, block_k], base 2
-            seen = (idx < size)[None, :] & ((pos0 + idx)[None, :] <= p[:, None])
-            s = jnp.where(seen, s, _MASK)
+            if seen is not None:
+                s = jnp.where(seen, s, _MASK)
             m_new = jnp.maximum(m, jnp.max(s, axis=1))
             corr = jnp.exp2(m - m_new)
             w = jnp.exp2(s - m_new[:, None])
-            vv = plgpu.load(gather_rows(v_ref, keys, h))  # [block_k, H]
             acc = acc * corr[:, None] + plgpu.dot(w.astype(vv.dtype), vv)
             return acc, m_new, l * corr + jnp.sum(w, axis=1)
+
+        def clear_step(j, carry):  # a whole block every live row sees: contiguous loads, no mask
+            keys = pl.ds(start + j * block_k, block_k)
+            return step(j, carry, plgpu.load(k_ref.at[keys, h, :]), plgpu.load(v_ref.at[keys, h, :]), None)
+
+        def masked_step(j, carry):  # the chunk's tail and the blocks that cross a row's position
+            idx = j * block_k + offs
+            keys = jnp.minimum(start + idx, num_keys - 1)
+            kk = plgpu.load(gather_rows(k_ref, keys, h))  # [block_k, H]
+            vv = plgpu.load(gather_rows(v_ref, keys, h))
+            seen = (idx < size)[None, :] & ((pos0 + idx)[None, :] <= p[:, None])
+            return step(j, carry, kk, vv, seen)
 
         init = (
             jnp.zeros((block_q, q.shape[-1]), jnp.float32),
             jnp.full((block_q,), _MASK, jnp.float32),
             jnp.zeros((block_q,), jnp.float32),
         )
-        acc, m, l = jax.lax.fori_loop(0, pl.cdiv(size, block_k), body, init)
+        first_p = jnp.min(jnp.where(live, p, jnp.iinfo(jnp.int32).max))  # earliest live row
+        clear = jnp.minimum(jnp.maximum(first_p - pos0 + 1, 0) // block_k, size // block_k)
+        carry = jax.lax.fori_loop(0, clear, clear_step, init)
+        acc, m, l = jax.lax.fori_loop(clear, pl.cdiv(size, block_k), masked_step, carry)
         dump = jnp.where(live, rows, o_ref.shape[0] - 1)
         plgpu.store(gather_rows(o_ref, dump), (acc / l[:, None]).astype(o_ref.dtype))
         plgpu.store(lse_ref.at[dump], (m + jnp.log2(l)) * _LN2)
