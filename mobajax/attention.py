@@ -26,7 +26,6 @@ from mobajax.moba_masks import (
 )
 from mobajax.pallas.kv_write import kv_write, kv_write_reference
 from mobajax.pallas.paged_decode import paged_decode
-from mobajax.pallas import paged_prefill_mosaic as mosaic_prefill
 from mobajax.pallas.paged_prefill import paged_prefill
 
 IMPLEMENTATIONS = ("xla", "pallas")
@@ -239,23 +238,6 @@ def paged_attention_xla(
     return out.reshape(t, n, h).astype(q.dtype)
 
 
-def _mixed_step_on_hopper(q, k_pages, v_pages, meta: PagedMetadata, scale: float):
-    """A mixed step's attention, q [T, N, H] -> [T, N, H]: the sequences with one new token (the
-    decodes) through `paged_decode`, which reads each K/V tile once per kv head; the others
-    through the Mosaic prefill kernel (one CTA per query head), given kv length 0 for the decodes
-    so that their blocks read nothing. Each token takes its own kernel's row."""
-    t = q.shape[0]
-    one_token = meta.cu_q_lens[1:] - meta.cu_q_lens[:-1] == 1  # [B]
-    last_row = jnp.clip(meta.cu_q_lens[1:] - 1, 0, t - 1)
-    decoded = paged_decode(q[last_row], k_pages, v_pages, meta.page_table, jnp.where(one_token, meta.kv_lens, 0),
-                           scale=scale)  # [B, N, H]
-    prefilled = mosaic_prefill.paged_prefill_mosaic(
-        q, k_pages, v_pages, meta.page_table, meta.cu_q_lens, jnp.where(one_token, 0, meta.kv_lens), scale=scale
-    )
-    takes_decode = one_token[meta.token_seq] & (jnp.arange(t) < meta.cu_q_lens[-1])
-    return jnp.where(takes_decode[:, None, None], decoded[meta.token_seq], prefilled)
-
-
 def _attend_paged(q, k, v, positions, cache: PagedKVCache, spec: AttentionSpec, scale: float):
     """Flat batch: q [1, T, N, H], k/v [1, T, K, H], positions [1, T]."""
     meta = cache.meta
@@ -270,10 +252,7 @@ def _attend_paged(q, k, v, positions, cache: PagedKVCache, spec: AttentionSpec, 
         if meta.decode:
             out = paged_decode(q[0], k_pages, v_pages, meta.page_table, meta.kv_lens, scale=scale)
         else:
-            if mosaic_prefill.fits(q[0], k_pages):
-                out = _mixed_step_on_hopper(q[0], k_pages, v_pages, meta, scale)
-            else:
-                out = paged_prefill(q[0], k_pages, v_pages, meta.page_table, meta.cu_q_lens, meta.kv_lens, scale=scale)
+            out = paged_prefill(q[0], k_pages, v_pages, meta.page_table, meta.cu_q_lens, meta.kv_lens, scale=scale)
     else:
         out = paged_attention_xla(
             q[0], k_pages, v_pages, meta, positions[0], scale=scale, sliding_window=spec.sliding_window,

@@ -141,40 +141,6 @@ def test_pallas_dispatch_equals_xla(monkeypatch, decode):
     np.testing.assert_array_equal(np.asarray(outs["pallas"][1].k_pages), np.asarray(outs["xla"][1].k_pages))
 
 
-def test_pallas_mixed_step_on_hopper_splits_decodes_from_prefills(monkeypatch):
-    """Where `paged_prefill_mosaic.fits` (a Hopper GPU), a mixed step sends its one-token
-    sequences to the decode kernel and the rest to the Mosaic prefill kernel (with kv length 0
-    for the decodes); every token's output equals the XLA path. Elsewhere: the Triton kernel."""
-    calls = []
-
-    def prefill_recording(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens, **kwargs):
-        calls.append(np.asarray(kv_lens))
-        return mobajax.pallas.paged_prefill.paged_prefill(q, k_pages, v_pages, page_table, cu_q_lens, kv_lens,
-                                                          **kwargs, interpret=True)
-
-    for name in ("kv_write", "paged_decode"):
-        monkeypatch.setattr(mobajax.attention, name, functools.partial(getattr(mobajax.attention, name), interpret=True))
-    monkeypatch.setattr(mobajax.attention, "paged_prefill", lambda *a, **kw: pytest.fail("took the Triton kernel"))
-    monkeypatch.setattr(mobajax.pallas.paged_prefill_mosaic, "paged_prefill_mosaic", prefill_recording)
-    monkeypatch.setattr(mobajax.pallas.paged_prefill_mosaic, "fits", lambda q, k_pages: True)
-    rng = np.random.default_rng(5)
-    cached, new = [0, 9, 30, 4, 0], [12, 3, 1, 1, 1]
-    k_pages, v_pages, meta, positions = build_paged_batch(rng, cached, new, 16, 12, 2, 16)
-    t = len(positions) + 3  # padding rows past the last sequence
-    positions = np.concatenate([positions, [-1] * 3])
-    meta = dataclasses.replace(meta, slots=jnp.concatenate([meta.slots, jnp.full(3, -1, jnp.int32)]),
-                               token_seq=jnp.concatenate([meta.token_seq, jnp.zeros(3, jnp.int32)]))
-    q, k_new, v_new = (jnp.asarray(rng.standard_normal((1, t, x, 16)), jnp.float32) for x in (4, 2, 2))
-    outs = {}
-    for impl in ("xla", "pallas"):
-        cache = PagedKVCache(jnp.asarray(k_pages), jnp.asarray(v_pages), meta)
-        outs[impl] = attend(q, k_new, v_new, jnp.asarray(positions)[None], cache, AttentionSpec(impl=impl), scale=0.25)[0]
-    [kv_lens] = calls
-    np.testing.assert_array_equal(kv_lens, [12, 12, 0, 0, 0])
-    real = len(positions) - 3
-    np.testing.assert_allclose(np.asarray(outs["pallas"][0, :real]), np.asarray(outs["xla"][0, :real]), atol=2e-5)
-
-
 def test_pallas_impl_rejects_sliding_window():
     with pytest.raises(ValueError, match="no sliding window"):
         AttentionSpec(impl="pallas", sliding_window=4)
