@@ -45,8 +45,9 @@ def _kernel(logits_ref, weights_ref, experts_ref, *, top_k: int, normalize: bool
     live_row = row < m
     col = jnp.arange(e_pad)
     real = col < e
-    logits = plgpu.load(logits_ref.at[row[:, None], jnp.minimum(col, e - 1)[None, :]], mask=live_row[:, None] & real[None, :],
-                        other=-jnp.inf).astype(jnp.float32)
+    live = live_row[:, None] & real[None, :]
+    logits = plgpu.load(logits_ref.at[row[:, None], jnp.minimum(col, e - 1)[None, :]], mask=live, other=-jnp.inf)
+    logits = logits.astype(jnp.float32)
     logits = jnp.where(live_row[:, None], logits, 0.0)  # rows past M: finite, never stored
     p = jnp.exp(logits - jnp.max(logits, axis=1, keepdims=True))
     probs = p / jnp.sum(p, axis=1, keepdims=True)

@@ -3,7 +3,6 @@ empty parts (lse -inf, NaN out), all-empty rows, more parts than one chunk, erro
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
