@@ -116,7 +116,9 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
         if not tokenizer.chat_template:
             raise ValueError("--chat needs a model whose tokenizer has a chat template; this one has none")
         messages = [{"role": "user", "content": prompt}]
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        return list(
+            tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        )
     return tokenizer.encode(prompt)
 
 

@@ -66,7 +66,9 @@ def contiguous_chunk_means(keys: jax.Array, block_size: int) -> jax.Array:
     return padded.reshape(b, c, block_size, kv, h).sum(axis=2) / block_size
 
 
-def dense_key_mask(q: jax.Array, keys: jax.Array, q_positions: jax.Array, k_positions: jax.Array, spec: MobaSpec) -> jax.Array:
+def dense_key_mask(
+    q: jax.Array, keys: jax.Array, q_positions: jax.Array, k_positions: jax.Array, spec: MobaSpec
+) -> jax.Array:
     """MoBA mask [B, T, N, S] for q [B, T, N, H] over keys [B, S, K, H] stored by position."""
     b, t, n, _ = q.shape
     kbar = contiguous_chunk_means(keys, spec.block_size)  # [B, C, K, H]

@@ -88,7 +88,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, EngineConfig]:
             dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
             gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-            enable_prefix_caching=args.enable_prefix_caching, warmup=args.warmup, async_scheduling=args.async_scheduling,
+            enable_prefix_caching=args.enable_prefix_caching, warmup=args.warmup,
+            async_scheduling=args.async_scheduling,
             tensor_parallel_size=args.tensor_parallel_size, expert_parallel_size=args.expert_parallel_size,
         )
     except ValueError as err:  # EngineConfig names the field; give the flag's name instead

@@ -75,7 +75,8 @@ def build_paged_batch(rng, lens_cached, lens_new, page_size, num_pages, kv_heads
     cu = np.concatenate([[0], np.cumsum(lens_new)]).astype(np.int32)
     kv_lens = np.asarray(lens_cached, np.int32) + np.asarray(lens_new, np.int32)
     meta = PagedMetadata(
-        jnp.asarray(slots, jnp.int32), jnp.asarray(page_table), jnp.asarray(cu), jnp.asarray(kv_lens), jnp.asarray(seq, jnp.int32)
+        jnp.asarray(slots, jnp.int32), jnp.asarray(page_table), jnp.asarray(cu), jnp.asarray(kv_lens),
+        jnp.asarray(seq, jnp.int32)
     )
     return k_pages, v_pages, meta, np.asarray(positions, np.int32)
 
@@ -93,7 +94,9 @@ def test_paged_attend_equals_dense(page_size, window):
     v_new = rng.standard_normal((1, t, kh, h)).astype(np.float32)
     spec = AttentionSpec(sliding_window=window)
     cache = PagedKVCache(jnp.asarray(k_pages), jnp.asarray(v_pages), meta)
-    out, cache = attend(jnp.asarray(q), jnp.asarray(k_new), jnp.asarray(v_new), jnp.asarray(positions)[None], cache, spec, scale=0.4)
+    out, cache = attend(
+        jnp.asarray(q), jnp.asarray(k_new), jnp.asarray(v_new), jnp.asarray(positions)[None], cache, spec, scale=0.4
+    )
     # Dense check per sequence: its cached keys from the pool plus the new ones.
     start = 0
     for r, (c, m) in enumerate(zip(lens_cached, lens_new)):
@@ -116,7 +119,9 @@ def test_paged_padding_rows_are_zero_and_not_written():
     meta = dataclasses.replace(meta, slots=jnp.concatenate([meta.slots, jnp.array([-1, -1], jnp.int32)]),
                                token_seq=jnp.concatenate([meta.token_seq, jnp.zeros(2, jnp.int32)]))
     q = jnp.asarray(rng.standard_normal((4, 2, 4)), jnp.float32)
-    out = paged_attention_xla(q, jnp.asarray(k_pages), jnp.asarray(v_pages), meta, jnp.asarray([3, 4, -1, -1]), scale=0.5)
+    out = paged_attention_xla(
+        q, jnp.asarray(k_pages), jnp.asarray(v_pages), meta, jnp.asarray([3, 4, -1, -1]), scale=0.5
+    )
     assert np.all(np.asarray(out[2:]) == 0) and np.all(np.isfinite(np.asarray(out)))
 
 
@@ -125,7 +130,9 @@ def test_pallas_dispatch_equals_xla(monkeypatch, decode):
     """impl="pallas" (kernels in interpret mode on CPU) writes the pool and attends like the XLA
     path: the ragged prefill kernel for mixed batches, the decode kernel for `decode` metadata."""
     for name in ("kv_write", "paged_prefill", "paged_decode"):
-        monkeypatch.setattr(mobajax.attention, name, functools.partial(getattr(mobajax.attention, name), interpret=True))
+        monkeypatch.setattr(
+            mobajax.attention, name, functools.partial(getattr(mobajax.attention, name), interpret=True)
+        )
     rng = np.random.default_rng(4)
     n, kh, h, page_size = 8, 2, 16, 16
     lens_cached, lens_new = ([5, 40, 0, 17], [1, 1, 1, 1]) if decode else ([0, 21, 3], [9, 1, 30])

@@ -51,7 +51,9 @@ def test_sampling_is_seeded_and_bounded(tmp_path):
 
     model = load_pretrained(str(tmp_path))
     prompt = [5, 9, 17]
-    draws = [list(generate_tokens(model, prompt, max_tokens=12, temperature=1.0, seed=s, stop_ids=())) for s in (1, 1, 2)]
+    draws = [
+        list(generate_tokens(model, prompt, max_tokens=12, temperature=1.0, seed=s, stop_ids=())) for s in (1, 1, 2)
+    ]
     assert draws[0] == draws[1] and draws[0] != draws[2]
     assert len(draws[0]) == 12 and all(0 <= t < 128 for t in draws[0])
     with pytest.raises(ValueError, match="exceeds the model's maximum length 256"):

@@ -112,7 +112,8 @@ def _checks():
 
     for name, p in (("dynamic routing", params), ("all tokens to experts 0 and 1", skewed)):
         ref_prefill, ref_decode = _prefill_and_decode(module, p, tokens, next_tokens, config)
-        for shape in (dict(expert=8), dict(expert=4, tensor=2), dict(data=2, expert=2, tensor=2), dict(data=4, tensor=2)):
+        for shape in (dict(expert=8), dict(expert=4, tensor=2), dict(data=2, expert=2, tensor=2),
+                      dict(data=4, tensor=2)):
             loaded = Pretrained(config, p, module, None, {}, "float32")
             par = parallelize(loaded, make_mesh(**shape))
             assert par.module.mesh is not None and par.config == config
@@ -152,7 +153,8 @@ def test_two_process_expert_parallel_on_cpu():
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    code = "import sys; from tests.test_parallel import _multihost_worker; _multihost_worker(int(sys.argv[1]), int(sys.argv[2]))"
+    code = ("import sys; from tests.test_parallel import _multihost_worker; "
+            "_multihost_worker(int(sys.argv[1]), int(sys.argv[2]))")
     procs = [
         subprocess.Popen([sys.executable, "-c", code, str(i), str(port)], cwd=ROOT, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -372,7 +372,9 @@ def bench_decode(layers: int, bandwidth: float, smoke: bool, on_gpu: bool, chain
             row[f"{impl}_x_floor"] = seconds / floor
             if impl != "xla":  # the engine's way: `chain` steps per call, no host dispatch between
                 chained = chained_steps(Decoder(config, DTYPE), chain)
-                seconds = time_decode(chained, params, token, inputs, paged_decode_inputs(base, batch, context)[2]) / chain
+                seconds = time_decode(
+                    chained, params, token, inputs, paged_decode_inputs(base, batch, context)[2]
+                ) / chain
                 row[f"{impl}_chain{chain}_ms"] = seconds * 1e3
                 row[f"{impl}_chain{chain}_x_floor"] = seconds / floor
         rows.append(row)

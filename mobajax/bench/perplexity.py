@@ -54,7 +54,9 @@ def main(argv: list[str]) -> int:
         variants = {
             "full attention": None,
             "MoBA, all layers": MobaConfig(args.moba_block_size, args.moba_top_k, ()),
-            f"MoBA, last {args.hybrid_full_layers} layers full": MobaConfig(args.moba_block_size, args.moba_top_k, full_layers),
+            f"MoBA, last {args.hybrid_full_layers} layers full": MobaConfig(
+                args.moba_block_size, args.moba_top_k, full_layers
+            ),
         }
         tokens = model.tokenizer.encode(text)[: min(args.max_tokens, model.config.max_position_embeddings)]
         rows = []
@@ -71,11 +73,13 @@ def main(argv: list[str]) -> int:
         print(f"error: {err}")
         return 2
     result = {"model": args.model, "text": os.path.basename(args.text), "tokens": len(tokens),
-              "block_size": args.moba_block_size, "top_k": args.moba_top_k, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+              "block_size": args.moba_block_size, "top_k": args.moba_top_k, "date": time.strftime("%Y-%m-%d"),
+              "rows": rows}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "perplexity.json"), "w") as f:
         json.dump(result, f, indent=2)
-    print(f"{args.model} on {result['text']} ({len(tokens)} tokens), MoBA block {args.moba_block_size}, top-{args.moba_top_k}")
+    print(f"{args.model} on {result['text']} ({len(tokens)} tokens), "
+          f"MoBA block {args.moba_block_size}, top-{args.moba_top_k}")
     print(f"{'variant':<34}{'ppl':>9}{'ppl past 2 chunks':>20}")
     for r in rows:
         past = f"{r['ppl_past_two_chunks']:.3f}" if r["ppl_past_two_chunks"] else "-"

@@ -100,14 +100,16 @@ def summarize(results: list[Result], seconds: float) -> dict:
         values = np.asarray(values, float) * 1000.0
         if values.size == 0:
             return {"mean_ms": None, "median_ms": None, "p99_ms": None}
-        return {"mean_ms": float(values.mean()), "median_ms": float(np.median(values)), "p99_ms": float(np.percentile(values, 99))}
+        return {"mean_ms": float(values.mean()), "median_ms": float(np.median(values)),
+                "p99_ms": float(np.percentile(values, 99))}
 
     output = sum(r.output_tokens for r in good)
     return {
         "completed": len(good), "failed": len(results) - len(good),
         "errors": sorted({r.error for r in results if not r.ok})[:5],
         "duration_s": seconds, "request_throughput": len(good) / seconds,
-        "output_throughput": output / seconds, "total_throughput": (output + sum(r.prompt_tokens for r in good)) / seconds,
+        "output_throughput": output / seconds,
+        "total_throughput": (output + sum(r.prompt_tokens for r in good)) / seconds,
         "ttft": stats([r.ttft for r in good]),
         "tpot": stats([(r.e2e - r.ttft) / (r.output_tokens - 1) for r in good if r.output_tokens > 1]),
         "itl": stats([x for r in good for x in r.itl]),
@@ -155,7 +157,8 @@ def main(argv: list[str]) -> int:
     results, seconds = asyncio.run(run(args, prompts, lengths(args.output_len)))
     summary = summarize(results, seconds)
     summary.update(base_url=args.base_url, model=args.model, num_prompts=args.num_prompts, input_len=args.input_len,
-                   output_len=args.output_len, request_rate=str(args.request_rate), max_concurrency=args.max_concurrency,
+                   output_len=args.output_len, request_rate=str(args.request_rate),
+                   max_concurrency=args.max_concurrency,
                    date=time.strftime("%Y-%m-%d"))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "serve.json"), "w") as f:

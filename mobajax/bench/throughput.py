@@ -63,7 +63,8 @@ def hf_baseline(hf_config: dict, args) -> dict:
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.no_grad():
-            model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+            model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                           pad_token_id=0)
         if device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -76,15 +77,18 @@ def hf_baseline(hf_config: dict, args) -> dict:
     prompts, outputs = prompts[: args.hf_requests], outputs[: args.hf_requests]
     workload_s = sum(generate(prompts[i : i + b], max(outputs[i : i + b])) for i in range(0, len(prompts), b))
     return {
-        "impl": "transformers generate", "device": device, "torch": torch.__version__, "transformers": transformers.__version__,
+        "impl": "transformers generate", "device": device, "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "decode_seconds": decode_s, "output_tok_s": b * n / decode_s,
-        "workload_requests": len(prompts), "workload_seconds": workload_s, "workload_output_tok_s": sum(outputs) / workload_s,
+        "workload_requests": len(prompts), "workload_seconds": workload_s,
+        "workload_output_tok_s": sum(outputs) / workload_s,
     }
 
 
 def run_hf_baseline(args, hf_config: dict) -> dict | None:
     """The transformers baseline in a subprocess (so torch and JAX don't share the GPU)."""
-    command = [sys.executable, "-m", "mobajax.bench", "throughput", HF_BASELINE_FLAG, "--shape", args.shape, "--dtype", args.dtype,
+    command = [sys.executable, "-m", "mobajax.bench", "throughput", HF_BASELINE_FLAG, "--shape", args.shape,
+               "--dtype", args.dtype,
                "--seed", str(args.seed)]
     for name in ("num_prompts", "min_len", "max_len", "decode_batch", "decode_prompt", "decode_output", "hf_requests"):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
@@ -125,7 +129,8 @@ def run_requests(engine, prompts: list[list[int]], outputs: list[int]) -> dict:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m mobajax.bench throughput", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="llama3-8b", help="a named shape (see mobajax.bench.shapes) or a config.json")
+    parser.add_argument("--shape", default="llama3-8b",
+                        help="a named shape (see mobajax.bench.shapes) or a config.json")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--min-len", type=int, default=100)
@@ -142,7 +147,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", default="bench_out")
     parser.add_argument(HF_BASELINE_FLAG, action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name in ("num_prompts", "min_len", "decode_batch", "decode_prompt", "decode_output", "max_num_seqs", "hf_requests"):
+    for name in ("num_prompts", "min_len", "decode_batch", "decode_prompt", "decode_output", "max_num_seqs",
+                 "hf_requests"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_len < args.min_len:
@@ -205,7 +211,9 @@ def _run(args, hf_config: dict, baseline: dict | None) -> int:
         "fraction_of_floor": decode_tok_s * step_floor / b if decode_tok_s else None,
         "transformers": baseline,
         "decode_speedup_vs_transformers": (decode["output_tok_s"] / baseline["output_tok_s"]) if baseline else None,
-        "workload_speedup_vs_transformers": (throughput["output_tok_s"] / baseline["workload_output_tok_s"]) if baseline else None,
+        "workload_speedup_vs_transformers": (
+            (throughput["output_tok_s"] / baseline["workload_output_tok_s"]) if baseline else None
+        ),
     }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "throughput.json"), "w") as f:
@@ -230,8 +238,10 @@ def _print(r: dict) -> None:
     if r["transformers"]:
         hf = r["transformers"]
         print(f"transformers generate, throughput workload (first {hf['workload_requests']} requests, batches of "
-              f"{r['decode']['requests']}): {hf['workload_output_tok_s']:.0f} tok/s; mobajax {r['workload_speedup_vs_transformers']:.1f}x")
-        print(f"transformers generate, decode batch: {hf['output_tok_s']:.0f} tok/s; mobajax {r['decode_speedup_vs_transformers']:.1f}x")
+              f"{r['decode']['requests']}): {hf['workload_output_tok_s']:.0f} tok/s; "
+              f"mobajax {r['workload_speedup_vs_transformers']:.1f}x")
+        print(f"transformers generate, decode batch: {hf['output_tok_s']:.0f} tok/s; "
+              f"mobajax {r['decode_speedup_vs_transformers']:.1f}x")
 
 
 def _plot(r: dict, path: str) -> None:

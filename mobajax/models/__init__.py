@@ -10,5 +10,6 @@ from mobajax.models.pretrained import (
 )
 
 __all__ = [
-    "MobaConfig", "ModelConfig", "Pretrained", "RopeConfig", "forward", "load_pretrained", "save_pretrained", "with_moba",
+    "MobaConfig", "ModelConfig", "Pretrained", "RopeConfig", "forward", "load_pretrained", "save_pretrained",
+    "with_moba",
 ]

@@ -226,7 +226,9 @@ def parse_moe(hf: dict[str, Any], num_layers: int, kind: str) -> MoEConfig:
     mixtral = kind == "mixtral"
     num_experts = hf.get("num_experts") or hf.get("num_local_experts")
     if not num_experts:
-        raise ValueError(f"config.json has no 'num_experts' / 'num_local_experts', which a {hf.get('model_type')} model needs")
+        raise ValueError(
+            f"config.json has no 'num_experts' / 'num_local_experts', which a {hf.get('model_type')} model needs"
+        )
     step = int(hf.get("decoder_sparse_step") or 1)
     if step < 1:
         raise ValueError(f"decoder_sparse_step must be >= 1, got {step}")

@@ -160,7 +160,9 @@ def forward(pretrained: Pretrained, token_ids) -> np.ndarray:
     if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
         raise ValueError(f"token_ids must be an integer array [B, T], got {tokens.dtype} {tokens.shape}")
     if tokens.size and (tokens.min() < 0 or tokens.max() >= pretrained.config.vocab_size):
-        raise ValueError(f"token ids must lie in [0, {pretrained.config.vocab_size}), got {tokens.min()}..{tokens.max()}")
+        raise ValueError(
+            f"token ids must lie in [0, {pretrained.config.vocab_size}), got {tokens.min()}..{tokens.max()}"
+        )
     positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
     logits = _jitted_apply(pretrained.module)(pretrained.params, jnp.asarray(tokens, jnp.int32), jnp.asarray(positions))
     return np.asarray(logits)

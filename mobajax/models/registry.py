@@ -64,20 +64,31 @@ class Architecture:
 # (HF name inside `model.layers.{i}.`, param path inside `layers_{i}`, shape, transpose, needed when)
 _LLAMA_LAYER_ROWS: tuple[tuple[str, tuple[str, ...], Callable, bool, Callable], ...] = (
     ("input_layernorm.weight", ("input_norm", "scale"), lambda c: (c.hidden_size,), False, lambda c: True),
-    ("post_attention_layernorm.weight", ("post_attention_norm", "scale"), lambda c: (c.hidden_size,), False, lambda c: True),
-    ("self_attn.q_proj.weight", ("attn", "q_proj", "kernel"), lambda c: (c.num_heads * c.head_dim, c.hidden_size), True, lambda c: True),
-    ("self_attn.k_proj.weight", ("attn", "k_proj", "kernel"), lambda c: (c.num_kv_heads * c.head_dim, c.hidden_size), True, lambda c: True),
-    ("self_attn.v_proj.weight", ("attn", "v_proj", "kernel"), lambda c: (c.num_kv_heads * c.head_dim, c.hidden_size), True, lambda c: True),
-    ("self_attn.o_proj.weight", ("attn", "o_proj", "kernel"), lambda c: (c.hidden_size, c.num_heads * c.head_dim), True, lambda c: True),
-    ("self_attn.q_proj.bias", ("attn", "q_proj", "bias"), lambda c: (c.num_heads * c.head_dim,), False, lambda c: c.qkv_bias),
-    ("self_attn.k_proj.bias", ("attn", "k_proj", "bias"), lambda c: (c.num_kv_heads * c.head_dim,), False, lambda c: c.qkv_bias),
-    ("self_attn.v_proj.bias", ("attn", "v_proj", "bias"), lambda c: (c.num_kv_heads * c.head_dim,), False, lambda c: c.qkv_bias),
+    ("post_attention_layernorm.weight", ("post_attention_norm", "scale"), lambda c: (c.hidden_size,),
+     False, lambda c: True),
+    ("self_attn.q_proj.weight", ("attn", "q_proj", "kernel"), lambda c: (c.num_heads * c.head_dim, c.hidden_size),
+     True, lambda c: True),
+    ("self_attn.k_proj.weight", ("attn", "k_proj", "kernel"), lambda c: (c.num_kv_heads * c.head_dim, c.hidden_size),
+     True, lambda c: True),
+    ("self_attn.v_proj.weight", ("attn", "v_proj", "kernel"), lambda c: (c.num_kv_heads * c.head_dim, c.hidden_size),
+     True, lambda c: True),
+    ("self_attn.o_proj.weight", ("attn", "o_proj", "kernel"), lambda c: (c.hidden_size, c.num_heads * c.head_dim),
+     True, lambda c: True),
+    ("self_attn.q_proj.bias", ("attn", "q_proj", "bias"), lambda c: (c.num_heads * c.head_dim,),
+     False, lambda c: c.qkv_bias),
+    ("self_attn.k_proj.bias", ("attn", "k_proj", "bias"), lambda c: (c.num_kv_heads * c.head_dim,),
+     False, lambda c: c.qkv_bias),
+    ("self_attn.v_proj.bias", ("attn", "v_proj", "bias"), lambda c: (c.num_kv_heads * c.head_dim,),
+     False, lambda c: c.qkv_bias),
     ("self_attn.o_proj.bias", ("attn", "o_proj", "bias"), lambda c: (c.hidden_size,), False, lambda c: c.o_bias),
     ("self_attn.q_norm.weight", ("attn", "q_norm", "scale"), lambda c: (c.head_dim,), False, lambda c: c.qk_norm),
     ("self_attn.k_norm.weight", ("attn", "k_norm", "scale"), lambda c: (c.head_dim,), False, lambda c: c.qk_norm),
-    ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), lambda c: (c.intermediate_size, c.hidden_size), True, lambda c: True),
-    ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), lambda c: (c.intermediate_size, c.hidden_size), True, lambda c: True),
-    ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), lambda c: (c.hidden_size, c.intermediate_size), True, lambda c: True),
+    ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), lambda c: (c.intermediate_size, c.hidden_size),
+     True, lambda c: True),
+    ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), lambda c: (c.intermediate_size, c.hidden_size),
+     True, lambda c: True),
+    ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), lambda c: (c.hidden_size, c.intermediate_size),
+     True, lambda c: True),
     ("mlp.gate_proj.bias", ("mlp", "gate_proj", "bias"), lambda c: (c.intermediate_size,), False, lambda c: c.mlp_bias),
     ("mlp.up_proj.bias", ("mlp", "up_proj", "bias"), lambda c: (c.intermediate_size,), False, lambda c: c.mlp_bias),
     ("mlp.down_proj.bias", ("mlp", "down_proj", "bias"), lambda c: (c.hidden_size,), False, lambda c: c.mlp_bias),
@@ -130,7 +141,9 @@ def _moe_layer_specs(c: ModelConfig, i: int) -> dict[str, WeightSpec]:
         shared = (*moe, "shared_expert")
         for name, shape in (("gate_proj", (s, d)), ("up_proj", (s, d)), ("down_proj", (d, s))):
             specs[f"{layer}.mlp.shared_expert.{name}.weight"] = WeightSpec((*shared, name, "kernel"), shape, True)
-        specs[f"{layer}.mlp.shared_expert_gate.weight"] = WeightSpec((*moe, "shared_expert_gate", "kernel"), (1, d), True)
+        specs[f"{layer}.mlp.shared_expert_gate.weight"] = WeightSpec(
+            (*moe, "shared_expert_gate", "kernel"), (1, d), True
+        )
     return specs
 
 

@@ -23,7 +23,9 @@ def flags_for(seqs: list[Sequence]) -> Flags:
     )
 
 
-def sampling_arrays(seqs: list[Sequence], rows: int, stop_ids: list[list[int]], vocab: int, flags: Flags) -> SamplingArrays:
+def sampling_arrays(
+    seqs: list[Sequence], rows: int, stop_ids: list[list[int]], vocab: int, flags: Flags
+) -> SamplingArrays:
     """Per-row sampling parameters for `seqs`, padded to `rows` (padding rows are greedy)."""
     width = next_power_of_two(max([4] + [len(s) for s in stop_ids]))
     a = {

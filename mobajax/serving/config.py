@@ -40,12 +40,16 @@ class EngineConfig:
 
     def __post_init__(self):
         checks = [
-            (self.page_size in (8, 16, 32, 64, 128), f"page_size must be one of 8, 16, 32, 64, 128, got {self.page_size}"),
+            (self.page_size in (8, 16, 32, 64, 128),
+             f"page_size must be one of 8, 16, 32, 64, 128, got {self.page_size}"),
             (self.num_pages is None or self.num_pages >= 2, f"num_pages must be >= 2, got {self.num_pages}"),
-            (0 < self.gpu_memory_utilization <= 1, f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"),
+            (0 < self.gpu_memory_utilization <= 1,
+             f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"),
             (self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}"),
-            (self.max_num_batched_tokens >= 1, f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"),
-            (self.max_model_len is None or self.max_model_len >= 2, f"max_model_len must be >= 2, got {self.max_model_len}"),
+            (self.max_num_batched_tokens >= 1,
+             f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"),
+            (self.max_model_len is None or self.max_model_len >= 2,
+             f"max_model_len must be >= 2, got {self.max_model_len}"),
             (self.decode_steps >= 1, f"decode_steps must be >= 1, got {self.decode_steps}"),
             (self.dtype in ("float32", "bfloat16"), f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}"),
             (self.tensor_parallel_size >= 1, f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}"),

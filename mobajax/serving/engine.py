@@ -87,7 +87,9 @@ class LLMEngine:
         params = pretrained.params
         if pretrained.dtype != config.dtype:
             params = jax.tree.map(lambda x: x.astype(dtype), params)
-        module = pretrained.module.clone(config=dataclasses.replace(mc, attention_impl=self.attention_impl(mc, config)), dtype=dtype)
+        module = pretrained.module.clone(
+            config=dataclasses.replace(mc, attention_impl=self.attention_impl(mc, config)), dtype=dtype
+        )
         num_pages = config.num_pages or self._auto_num_pages(mc, dtype)
         if num_pages * config.page_size < self.max_model_len:
             raise ValueError(
@@ -188,7 +190,8 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else int(self._rng.integers(1 << 31))
         request = Request(request_id, prompt, list(prompt_token_ids), params, seed, RequestMetrics(time.monotonic()))
         request.seqs = [
-            Sequence(request, i, list(prompt_token_ids), n_prompt, IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens))
+            Sequence(request, i, list(prompt_token_ids), n_prompt,
+                     IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens))
             for i in range(params.n)
         ]
         self.requests[request_id] = request
@@ -265,7 +268,9 @@ class LLMEngine:
             out, self.config.page_size, self.runner.pages_per_seq, self.max_rows
         )
         flags = batch.flags_for(sample_seqs)
-        arrays = batch.sampling_arrays(sample_seqs, rows, [self._stop_ids(s) for s in sample_seqs], self.model_config.vocab_size, flags)
+        arrays = batch.sampling_arrays(
+            sample_seqs, rows, [self._stop_ids(s) for s in sample_seqs], self.model_config.vocab_size, flags
+        )
         dispatch = time.perf_counter()
         self.times.inputs += dispatch - start
         sampled = jax.device_get(self.runner.step(out.copies, tokens, positions, meta, logits_index, arrays, flags))
@@ -317,7 +322,9 @@ class LLMEngine:
             seqs, steps, num_steps, self.config.page_size, self.runner.pages_per_seq
         )
         flags = batch.flags_for(seqs)
-        arrays = batch.sampling_arrays(seqs, len(tokens), [self._stop_ids(s) for s in seqs], self.model_config.vocab_size, flags)
+        arrays = batch.sampling_arrays(
+            seqs, len(tokens), [self._stop_ids(s) for s in seqs], self.model_config.vocab_size, flags
+        )
         sampled = self.runner.decode(tokens, positions, slots, page_table, remaining, arrays, flags, num_steps)
         self.times.inputs += time.perf_counter() - start
         return self._complete(InFlightDecode(seqs, steps, num_steps, arrays, flags, sampled))
@@ -388,7 +395,9 @@ class LLMEngine:
         logprob = None
         if seq.params.logprobs is not None:
             logprob = {token: Logprob(float(sampled.logprob[at]), self._piece(token))}
-            for tid, lp in zip(sampled.top_ids[at][: seq.params.logprobs], sampled.top_logprobs[at][: seq.params.logprobs]):
+            for tid, lp in zip(
+                sampled.top_ids[at][: seq.params.logprobs], sampled.top_logprobs[at][: seq.params.logprobs]
+            ):
                 logprob.setdefault(int(tid), Logprob(float(lp), self._piece(int(tid))))
         seq.append(token, logprob, self.eos_ids, self.max_model_len)
         metrics = seq.request.metrics
@@ -443,7 +452,9 @@ class LLMEngine:
                     np.zeros(rows, np.int32), np.zeros(t, np.int32),
                 )
                 arrays = batch.sampling_arrays([], rows, [], vocab, Flags())
-                self.runner.step([], np.zeros(t, np.int32), np.full(t, -1, np.int32), meta, np.zeros(rows, np.int32), arrays, Flags())
+                self.runner.step(
+                    [], np.zeros(t, np.int32), np.full(t, -1, np.int32), meta, np.zeros(rows, np.int32), arrays, Flags()
+                )
                 bar.update()
             for rows in row_buckets:
                 k = self.config.decode_steps

@@ -81,7 +81,9 @@ class LLM:
             raise
         return self._run(ids, use_tqdm)
 
-    def chat(self, messages, sampling_params: SamplingParams | None = None, *, use_tqdm: bool = True) -> list[RequestOutput]:
+    def chat(
+        self, messages, sampling_params: SamplingParams | None = None, *, use_tqdm: bool = True
+    ) -> list[RequestOutput]:
         """Like `generate`, for one conversation (a list of {"role", "content"}) or a list of them."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [

@@ -63,7 +63,9 @@ def _step(module, params, pools, copy_src, copy_dst, tokens, positions, meta, lo
     return pools, sample(logits, arrays, **flags._asdict())
 
 
-def _decode(module, params, pools, tokens, positions, slots, page_table, remaining, arrays, *, flags: Flags, num_steps: int):
+def _decode(
+    module, params, pools, tokens, positions, slots, page_table, remaining, arrays, *, flags: Flags, num_steps: int
+):
     rows = tokens.shape[0]
     row_ids = jnp.arange(rows, dtype=jnp.int32)
     cu = jnp.arange(rows + 1, dtype=jnp.int32)
@@ -140,17 +142,24 @@ class ModelRunner:
         sums = 4 * sum(config.attention_spec(i).moba is not None for i in range(config.num_layers))  # float32
         return (kv + sums) * config.num_kv_heads * config.head_dim
 
-    def step(self, copies, tokens, positions, meta: PagedMetadata, logits_index, arrays: SamplingArrays, flags: Flags) -> Sampled:
+    def step(
+        self, copies, tokens, positions, meta: PagedMetadata, logits_index, arrays: SamplingArrays, flags: Flags
+    ) -> Sampled:
         width = max(len(logits_index), next_power_of_two(len(copies)))
         src = np.zeros(width, np.int32)
         dst = np.full(width, -1, np.int32)
         for i, (s, d) in enumerate(copies):
             src[i], dst[i] = s, d
-        self.pools, sampled = self._step(self.params, self.pools, src, dst, tokens, positions, meta, logits_index, arrays, flags=flags)
+        self.pools, sampled = self._step(
+            self.params, self.pools, src, dst, tokens, positions, meta, logits_index, arrays, flags=flags
+        )
         return sampled
 
-    def decode(self, tokens, positions, slots, page_table, remaining, arrays: SamplingArrays, flags: Flags, num_steps: int) -> Sampled:
+    def decode(
+        self, tokens, positions, slots, page_table, remaining, arrays: SamplingArrays, flags: Flags, num_steps: int
+    ) -> Sampled:
         self.pools, sampled = self._decode(
-            self.params, self.pools, tokens, positions, slots, page_table, remaining, arrays, flags=flags, num_steps=num_steps
+            self.params, self.pools, tokens, positions, slots, page_table, remaining, arrays,
+            flags=flags, num_steps=num_steps
         )
         return sampled

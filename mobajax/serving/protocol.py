@@ -77,12 +77,16 @@ def _api_error(err: ValidationError) -> ApiError:
 def _union_message(loc: tuple) -> tuple[str, str] | None:
     """One clear message for a field that accepts several shapes (instead of one per shape)."""
     if loc and loc[0] == "prompt":
-        return "prompt", "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids"
+        return "prompt", (
+            "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids"
+        )
     if loc and loc[0] == "stop":
         return "stop", "stop must be a string or a list of strings"
     if len(loc) >= 4 and loc[0] == "messages" and loc[2] == "content":
         name = f"messages.{loc[1]}.content"
-        return name, f'{name} must be a string or a list of {{"type": "text", "text": ...}} parts (only text is supported)'
+        return name, (
+            f'{name} must be a string or a list of {{"type": "text", "text": ...}} parts (only text is supported)'
+        )
     return None
 
 

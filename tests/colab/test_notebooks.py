@@ -36,7 +36,9 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("MOBAJAX_HF_CHECKPOINT", str(tmp_path / "hf"))
     monkeypatch.setenv("MOBAJAX_CACHE", os.environ.get("MOBAJAX_CACHE", str(tmp_path / "cache")))
     notebook = nbformat.read(path, as_version=4)
-    client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client = NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()
     outputs = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
     assert path.name in EXPECTED, f"add the expected outputs of {path.name} to EXPECTED"

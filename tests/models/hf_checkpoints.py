@@ -34,7 +34,8 @@ VARIANTS = {
     "qwen2_yarn": (
         transformers.Qwen2Config,
         transformers.Qwen2ForCausalLM,
-        dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64)),
+        dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                  original_max_position_embeddings=64)),
     ),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=32)),
 }

@@ -37,7 +37,9 @@ def chat_prompt(default):
 
 
 def test_answers_capital_of_france(default, chat_prompt):
-    answer = default.tokenizer.decode(list(generate_tokens(default, chat_prompt, max_tokens=32)), skip_special_tokens=True)
+    answer = default.tokenizer.decode(
+        list(generate_tokens(default, chat_prompt, max_tokens=32)), skip_special_tokens=True
+    )
     assert "Paris" in answer
 
 

@@ -52,7 +52,9 @@ def test_serving_paged_path_equals_dense_generator(model, decode):
     moba = with_moba(model, MobaConfig(block_size=8, top_k=2, full_attention_layers=(0,), decode=decode))
     prompts = [TOKENS[0, :45].tolist(), TOKENS[1, :23].tolist(), TOKENS[1, :9].tolist()]
     want = [list(generate_tokens(moba, p, max_tokens=16, stop_ids=())) for p in prompts]
-    engine = LLMEngine(moba, EngineConfig(page_size=8, max_num_batched_tokens=16, max_num_seqs=4, warmup=False, decode_steps=4))
+    engine = LLMEngine(
+        moba, EngineConfig(page_size=8, max_num_batched_tokens=16, max_num_seqs=4, warmup=False, decode_steps=4)
+    )
     for i, p in enumerate(prompts):  # chunked prefill: 16-token chunks over the page pool
         engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
     done = {}
@@ -132,7 +134,9 @@ def test_cli_flags():
                        "--moba-full-attn-layers=-2,-1", "--moba-decode"])
     assert args.moba == MobaConfig(64, 4, (-2, -1), True)
     assert parse_args(["--prompt", "hi"]).moba is None
-    assert parse_args(["--prompt", "hi", "--attention", "moba", "--moba-full-attn-layers", ""]).moba.full_attention_layers == ()
+    assert parse_args(
+        ["--prompt", "hi", "--attention", "moba", "--moba-full-attn-layers", ""]
+    ).moba.full_attention_layers == ()
     with pytest.raises(SystemExit):
         parse_args(["--prompt", "hi", "--attention", "moba", "--moba-full-attn-layers", "last"])
     with pytest.raises(SystemExit):

@@ -27,7 +27,11 @@ PROMPT = [int(t) for t in RNG.randint(0, 128, size=9)]
 
 # name -> (config class, model class, config kwargs)
 MOE_VARIANTS = {
-    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM, dict(num_local_experts=4, num_experts_per_tok=2)),
+    "mixtral": (
+        transformers.MixtralConfig,
+        transformers.MixtralForCausalLM,
+        dict(num_local_experts=4, num_experts_per_tok=2),
+    ),
     "qwen2_moe": (
         transformers.Qwen2MoeConfig,
         transformers.Qwen2MoeForCausalLM,
@@ -119,7 +123,8 @@ def test_error_missing_fused_tensor_and_duplicates(tmp_path):
     make_moe_checkpoint(tmp_path / "fused", "qwen3_moe", fused=True)
     _rewrite(tmp_path / "fused", lambda t: t.pop("model.layers.1.mlp.experts.down_proj"))
     with pytest.raises(ValueError, match=r"missing tensors: model\.layers\.1\.mlp\.experts\.0\.down_proj\.weight, "
-                                         r".*experts\.7\.down_proj\.weight \(or the fused tensors model\.layers\.1\.mlp\.experts\.down_proj\)"):
+                                         r".*experts\.7\.down_proj\.weight "
+                                         r"\(or the fused tensors model\.layers\.1\.mlp\.experts\.down_proj\)"):
         load_pretrained(str(tmp_path / "fused"))
 
     make_moe_checkpoint(tmp_path / "both", "qwen3_moe")

@@ -78,7 +78,8 @@ def _rewrite_tensors(path, edit):
 def test_error_unsupported_architecture(tmp_path):
     make_checkpoint(tmp_path, "llama", tied=False)
     _edit_config(tmp_path, architectures=["GPT2LMHeadModel"])
-    with pytest.raises(ValueError, match=r"unsupported architecture 'GPT2LMHeadModel'.*LlamaForCausalLM.*Qwen3ForCausalLM"):
+    with pytest.raises(ValueError,
+                       match=r"unsupported architecture 'GPT2LMHeadModel'.*LlamaForCausalLM.*Qwen3ForCausalLM"):
         load_pretrained(str(tmp_path))
 
 

@@ -51,7 +51,9 @@ def test_fits_only_on_hopper_with_its_shapes():
     assert not fits(q[..., :32], pool[..., :32])
 
 
-@pytest.mark.parametrize("q_lens, cached", [([1024, 200], [0, 64]), ([300, 1, 77, 0, 1, 129], [0, 500, 190, 5, 0, 1000])])
+@pytest.mark.parametrize(
+    "q_lens, cached", [([1024, 200], [0, 64]), ([300, 1, 77, 0, 1, 129], [0, 500, 190, 5, 0, 1000])]
+)
 def test_tile_counts_cover_exactly_the_visible_keys(q_lens, cached):
     """Per block and warpgroup of the kernel's schedule, brute force over its rows: the tiles
     read reach the last row's last visible key, the unmasked ones hold only keys every row sees,
@@ -60,12 +62,16 @@ def test_tile_counts_cover_exactly_the_visible_keys(q_lens, cached):
     bq, bkv = 64, 128
     q_lens, kv_lens = np.asarray(q_lens), np.asarray(q_lens) + np.asarray(cached)
     cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    seq, start, count = (np.asarray(a) for a in block_schedule(jnp.asarray(cu), 2 * bq, -(-cu[-1] // (2 * bq)) + len(q_lens)))
+    seq, start, count = (
+        np.asarray(a) for a in block_schedule(jnp.asarray(cu), 2 * bq, -(-cu[-1] // (2 * bq)) + len(q_lens))
+    )
     assert (count == 0).any()  # unused blocks are part of the check
     for s, row0, rows in zip(seq, start, count):
         pos0 = kv_lens[s] - q_lens[s] + (row0 - cu[s])
         for w in (0, 1):
-            steps, unmasked = (int(x) for x in tile_counts(jnp.int32(rows), jnp.int32(pos0), jnp.int32(kv_lens[s]), w, bq, bkv))
+            steps, unmasked = (
+                int(x) for x in tile_counts(jnp.int32(rows), jnp.int32(pos0), jnp.int32(kv_lens[s]), w, bq, bkv)
+            )
             positions = pos0 + np.arange(w * bq, min(rows, (w + 1) * bq))
             want_steps = int(positions.max()) // bkv + 1 if len(positions) else 0
             want_unmasked = min((int(positions.min()) + 1) // bkv, want_steps) if len(positions) else 0

@@ -117,7 +117,8 @@ MAX_LEN = 1024
 MAIN_FLAGS = ("--served-model-name", MODEL_NAME, "--max-model-len", str(MAX_LEN), "--num-pages", "256",
               "--max-num-seqs", "64", "--max-num-batched-tokens", "512")
 # A tiny pool (8 pages of 16 tokens: one full-length request) and no prefix caching.
-TINY_FLAGS = ("--served-model-name", MODEL_NAME, "--max-model-len", "128", "--num-pages", "8", "--page-size", "16", "--max-num-seqs", "8",
+TINY_FLAGS = ("--served-model-name", MODEL_NAME, "--max-model-len", "128", "--num-pages", "8", "--page-size", "16",
+              "--max-num-seqs", "8",
               "--max-num-batched-tokens", "128", "--no-enable-prefix-caching")
 
 

@@ -240,7 +240,8 @@ def test_random_workload_in_a_tiny_pool(model, seed):
     for _ in range(8):
         own = rng.integers(100, 5000, int(rng.integers(1, 30))).tolist()
         prompts.append(base[: int(rng.integers(0, 40))] + own)
-        params.append(SamplingParams(n=int(rng.integers(1, 3)), temperature=0, max_tokens=int(rng.integers(1, 16)), ignore_eos=True))
+        params.append(SamplingParams(n=int(rng.integers(1, 3)), temperature=0, max_tokens=int(rng.integers(1, 16)),
+                                     ignore_eos=True))
     eng = engine(model, num_pages=14, max_model_len=96, max_num_seqs=6, max_num_batched_tokens=24)
     done = run(eng, prompts, params)
     for i, (prompt, p) in enumerate(zip(prompts, params)):

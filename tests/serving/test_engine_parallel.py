@@ -60,7 +60,9 @@ CHECK = textwrap.dedent(
 @pytest.mark.slow
 def test_tensor_and_expert_parallel_engine_equals_one_device():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", CHECK], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-c", CHECK], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0 and "PARALLEL OK" in result.stdout, result.stderr[-3000:]
 
 

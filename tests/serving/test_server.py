@@ -74,7 +74,8 @@ def test_completions_text_and_token_prompts(server):
     by_ids = complete(client, ids, max_tokens=8, temperature=0, ignore_eos=True)
     assert by_ids.choices[0].text == choice.text and by_ids.usage.prompt_tokens == len(ids)
     both = complete(client, ["The capital of France is", "One, two,"], max_tokens=4, temperature=0)
-    assert [c.index for c in both.choices] == [0, 1] and both.choices[0].text == choice.text[: len(both.choices[0].text)]
+    assert ([c.index for c in both.choices] == [0, 1]
+            and both.choices[0].text == choice.text[: len(both.choices[0].text)])
 
 
 def test_streaming_with_usage(server):
@@ -191,8 +192,10 @@ BAD_INPUTS = [
     (b"{not json", 400, "malformed JSON"),
     ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": "ten"}, 400, "'max_tokens': Input should be a valid integer"),
     ({"model": MODEL_NAME, "prompt": 42}, 400, "prompt must be a string"),
-    ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": -5}, 400, "max_tokens must be an integer >= 1 or None, got -5"),
-    ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": 10**9}, 400, f"this model's maximum length is {MAX_LEN} tokens"),
+    ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": -5}, 400,
+     "max_tokens must be an integer >= 1 or None, got -5"),
+    ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": 10**9}, 400,
+     f"this model's maximum length is {MAX_LEN} tokens"),
     ({"model": MODEL_NAME, "prompt": "hi", "temperature": -1}, 400, "temperature must be >= 0"),
     ({"model": MODEL_NAME, "prompt": "hi", "top_p": 1.5}, 400, "top_p must be in (0, 1], got 1.5"),
     ({"model": "gpt-17", "prompt": "hi"}, 404, "the model 'gpt-17' does not exist; this server serves 'smol'"),
@@ -206,14 +209,16 @@ BAD_INPUTS = [
 BAD_CHAT = [
     ({"model": MODEL_NAME, "messages": []}, 400, "messages is empty"),
     ({"model": MODEL_NAME, "messages": "hi"}, 400, "'messages': Input should be a valid array"),
-    ({"model": MODEL_NAME, "messages": [{"role": "user", "content": LONG}]}, 400, f"this model's maximum length is {MAX_LEN}"),
+    ({"model": MODEL_NAME, "messages": [{"role": "user", "content": LONG}]}, 400,
+     f"this model's maximum length is {MAX_LEN}"),
     ({"model": MODEL_NAME, "messages": CHAT, "max_completion_tokens": 0}, 400, "max_tokens must be an integer >= 1"),
     ({"model": MODEL_NAME, "messages": CHAT, "min_tokens": 2**40}, 400, "min_tokens (1099511627776) must be <="),
 ]
 
 
 @pytest.mark.parametrize("path, body, status, message",
-                         [("/v1/completions", *case) for case in BAD_INPUTS] + [("/v1/chat/completions", *c) for c in BAD_CHAT])
+                         [("/v1/completions", *case) for case in BAD_INPUTS]
+                         + [("/v1/chat/completions", *c) for c in BAD_CHAT])
 def test_bad_input_gets_a_clear_4xx(server, path, body, status, message):
     kw = {"content": body} if isinstance(body, bytes) else {"json": body}
     response = server.http.post(path, **kw)
