@@ -146,7 +146,7 @@ def _sweep(q, k, v, block, top_k, reps, jax, jnp):
 
     cfgs = [
         ma.MobaConfig(),
-        ma.MobaConfig(block_q=64, block_k=64, num_warps=4, num_stages=2),
+        ma.MobaConfig(block_q=256, block_k=64, num_warps=8, num_stages=4),
         ma.MobaConfig(block_q=128, block_k=32, num_warps=4, num_stages=3),
         ma.MobaConfig(block_q=128, block_k=64, num_warps=4, num_stages=4),
         ma.MobaConfig(block_q=256, block_k=32, num_warps=8, num_stages=3),

@@ -56,14 +56,15 @@ class MobaConfig:
 
     block_q: rows (token, head, slot) per attention program. block_k: keys per inner step.
     gate_block_q: tokens per gate program (shrunk for many chunks). num_warps / num_stages /
-    gate_num_warps: Triton settings of the attention and gate kernels. max_partial_bytes: partial
+    gate_num_warps: Triton settings of the attention and gate kernels. The defaults are the best
+    of the H100 sweeps in docs/benchmarks.md at block sizes 512 and 4096. max_partial_bytes: partial
     outputs (q's dtype) held at once; longer inputs run in several passes over the tokens.
     """
 
-    block_q: int = 128
-    block_k: int = 32
+    block_q: int = 256
+    block_k: int = 64
     gate_block_q: int = 64
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int = 3
     gate_num_warps: int = 4
     max_partial_bytes: int = 2**33
@@ -83,6 +84,33 @@ class MobaConfig:
                 f"num_stages={self.num_stages}, max_partial_bytes={self.max_partial_bytes}:"
                 " must be >= 1"
             )
+
+
+# Shared memory of an attention program, estimated as the query tile plus num_stages K and V
+# tiles: the default config at head dim 128 in bf16 (and the former default in float32) uses
+# exactly this much; larger ones fail to compile on the H100.
+SHARED_MEMORY_BUDGET = 160 * 1024
+
+
+def fit_shared_memory(config: MobaConfig, head_dim: int, itemsize: int) -> MobaConfig:
+    """Halve block_q (with num_warps, down to 4), then block_k, down to 16, until the
+    attention program's tiles fit `SHARED_MEMORY_BUDGET` (wider heads, float32)."""
+
+    def size(c):
+        return (c.block_q + 2 * c.num_stages * c.block_k) * head_dim * itemsize
+
+    while size(config) > SHARED_MEMORY_BUDGET:
+        if config.block_q > 128:
+            config = dataclasses.replace(
+                config, block_q=config.block_q // 2, num_warps=max(4, config.num_warps // 2)
+            )
+        elif config.block_k > 16:
+            config = dataclasses.replace(config, block_k=config.block_k // 2)
+        elif config.block_q > 16:
+            config = dataclasses.replace(config, block_q=config.block_q // 2)
+        else:
+            break
+    return config
 
 
 def moba_attention_kernel(
@@ -274,6 +302,7 @@ def _forward(st: _Static, q, k, v, layout):
     config = dataclasses.replace(
         st.config, block_k=min(st.config.block_k, max(16, pl.next_power_of_2(st.block_size)))
     )
+    config = fit_shared_memory(config, q.shape[2], q.dtype.itemsize)
     per_token = q.shape[1] * slots * q.shape[2] * q.dtype.itemsize
     step = max(config.gate_block_q, config.max_partial_bytes // per_token)
     outs = []

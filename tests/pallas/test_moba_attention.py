@@ -11,7 +11,9 @@ import pytest
 
 from mobajax.moba import moba_attention_dense_mask, moba_selected_chunks
 from mobajax.pallas.moba_attention import (
+    SHARED_MEMORY_BUDGET,
     MobaConfig,
+    fit_shared_memory,
     moba_attention,
     moba_attention_reference,
     moba_select,
@@ -171,6 +173,24 @@ def test_bad_config_and_head_dim_are_rejected():
     q, k, v = _qkv(0, 16, 16, 2, 2, 24, F32)
     with pytest.raises(ValueError, match="head dim 24"):
         moba_attention(q, k, v, block_size=8, top_k=2, interpret=True)
+
+
+@pytest.mark.parametrize(
+    "head_dim, itemsize, want",
+    [
+        (128, 2, (256, 64, 8)),  # the default fits as it is
+        (64, 4, (256, 64, 8)),
+        (128, 4, (128, 32, 4)),  # float32: the former default
+        (256, 2, (128, 32, 4)),
+        (256, 4, (64, 16, 4)),
+    ],
+)
+def test_tiles_shrink_to_fit_shared_memory(head_dim, itemsize, want):
+    config = fit_shared_memory(MobaConfig(), head_dim, itemsize)
+    assert (config.block_q, config.block_k, config.num_warps) == want
+    size = (config.block_q + 2 * config.num_stages * config.block_k) * head_dim * itemsize
+    assert size <= SHARED_MEMORY_BUDGET
+    assert config.num_stages == MobaConfig().num_stages
 
 
 @pytest.mark.gpu
