@@ -7,7 +7,8 @@ Pipeline (one jit):
    one sort by bucket, then tiles of `block_q` rows that all read the same chunk of one kv head.
 3. `moba_attention_kernel`: per tile, gather the query rows, stream the chunk's keys (blocks that
    every row sees whole as contiguous loads without a mask; the chunk's tail and the blocks that
-   cross a row's position masked), write a normalised partial output and its log-sum-exp per row.
+   cross a row's position masked; none past the tile's last position), write a normalised partial
+   output and its log-sum-exp per row.
 4. Merge (XLA): the top_k partial states of each (token, head) combine by their log-sum-exps.
 Rows of all the query heads of one kv head share a tile, so K/V are read per kv head (GQA-native)
 and every matmul is a dense [block_q, H] x [H, block_k] tile, whatever each token selected.
@@ -182,9 +183,11 @@ def moba_attention_kernel(
             jnp.zeros((block_q,), jnp.float32),
         )
         first_p = jnp.min(jnp.where(live, p, jnp.iinfo(jnp.int32).max))  # earliest live row
+        last_p = jnp.max(jnp.where(live, p, -1))  # keys past it are masked for every row
         clear = jnp.minimum(jnp.maximum(first_p - pos0 + 1, 0) // block_k, size // block_k)
+        end = pl.cdiv(jnp.clip(last_p - pos0 + 1, 0, size), block_k)
         carry = jax.lax.fori_loop(0, clear, clear_step, init)
-        acc, m, l = jax.lax.fori_loop(clear, pl.cdiv(size, block_k), masked_step, carry)
+        acc, m, l = jax.lax.fori_loop(clear, end, masked_step, carry)
         dump = jnp.where(live, rows, o_ref.shape[0] - 1)
         plgpu.store(gather_rows(o_ref, dump), (acc / l[:, None]).astype(o_ref.dtype))
         plgpu.store(lse_ref.at[dump], (m + jnp.log2(l)) * _LN2)

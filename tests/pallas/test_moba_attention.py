@@ -84,6 +84,17 @@ def test_explicit_positions_and_default_config():
     assert_close(out, want, F32, "q_positions")
 
 
+@pytest.mark.parametrize("prefix", [1, 7, 16])
+def test_own_chunk_tiles_ending_anywhere_in_a_key_block(prefix):
+    # one head, 16-row tiles: each tile of the own chunk stops at its last token, which with
+    # these prefixes lands on, just past and mid-way into a 16-key block
+    q, k, v = _qkv(prefix, 96 - prefix, 96, 1, 1, 16, F32)
+    for top_k in (1, 2):
+        out = moba_attention(q, k, v, block_size=64, top_k=top_k, config=SMALL, interpret=True)
+        want = moba_attention_reference(q, k, v, block_size=64, top_k=top_k)
+        assert_close(out, want, F32, f"prefix {prefix}, top_k {top_k}")
+
+
 def test_several_passes_over_the_tokens_give_the_same_result():
     q, k, v = _qkv(14, 64, 64, 4, 2, 16, F32)
     tiny = MobaConfig(block_q=16, block_k=16, gate_block_q=16, max_partial_bytes=4096)
