@@ -16,36 +16,20 @@ import jax.numpy as jnp
 from mobajax.attention import AttentionSpec, KVCache, attend
 from mobajax.models.config import RopeConfig
 from mobajax.models.rope import apply_rope, inverse_frequencies
-from mobajax.pallas import qkv_decode as qkv_kernel
-
-
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """x / rms(x) * scale over the last axis, in float32, cast back to x's dtype."""
-    xf = x.astype(jnp.float32)
-    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return scale * normed.astype(x.dtype)
-
-
-class NormScale(nn.Module):
-    """The scale [dim] of an RMSNorm, for code that applies the norm itself (same parameter)."""
-
-    dim: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self) -> jax.Array:
-        return self.param("scale", nn.initializers.ones, (self.dim,), self.dtype)
 
 
 class RMSNorm(nn.Module):
-    """`rms_norm` over the last axis with a learned scale."""
+    """x / rms(x) * scale over the last axis, in float32, cast back to x's dtype."""
 
     eps: float
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return rms_norm(x, self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype), self.eps)
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return scale * normed.astype(x.dtype)
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None) -> jax.Array:
@@ -68,29 +52,6 @@ def dense(features: int, name: str, use_bias: bool, dtype: Any) -> nn.Dense:
     return nn.Dense(
         features, use_bias=use_bias, dtype=dtype, param_dtype=dtype, name=name, dot_general=dot_general
     )
-
-
-class DenseParams(nn.Module):
-    """The parameters of `dense` (kernel [in, out], bias [out] or None), for kernels that apply
-    them themselves (same names and initialisers as `nn.Dense`)."""
-
-    in_features: int
-    features: int
-    use_bias: bool
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self) -> tuple[jax.Array, jax.Array | None]:
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.in_features, self.features), self.dtype)
-        if not self.use_bias:
-            return kernel, None
-        return kernel, self.param("bias", nn.initializers.zeros_init(), (self.features,), self.dtype)
-
-
-def fuses_qkv_decode(spec: AttentionSpec, num_tokens: int, hidden_size: int, head_dim: int) -> bool:
-    """Whether `Attention` computes q, k, v with the `qkv_decode` kernel (input norm included):
-    the Pallas impl, at most `MAX_TOKENS` tokens in the step, shapes the kernel takes."""
-    return spec.impl == "pallas" and num_tokens <= qkv_kernel.MAX_TOKENS and qkv_kernel.fits(hidden_size, head_dim)
 
 
 class GatedMLP(nn.Module):
@@ -127,41 +88,19 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, positions: jax.Array, cache: KVCache | None, input_norm_scale: jax.Array | None = None
+        self, x: jax.Array, positions: jax.Array, cache: KVCache | None
     ) -> tuple[jax.Array, KVCache | None]:
-        """input_norm_scale [D]: x is the layer's un-normalised input and this its RMSNorm scale,
-        applied by the `qkv_decode` kernel (only where `fuses_qkv_decode`); None: x is normalised."""
         b, t, d = x.shape
         n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
+        q = dense(n * h, "q_proj", self.qkv_bias, self.dtype)(x).reshape(b, t, n, h)
+        key = dense(k * h, "k_proj", self.qkv_bias, self.dtype)(x).reshape(b, t, k, h)
+        value = dense(k * h, "v_proj", self.qkv_bias, self.dtype)(x).reshape(b, t, k, h)
+        if self.qk_norm:
+            q = RMSNorm(self.norm_eps, self.dtype, name="q_norm")(q)
+            key = RMSNorm(self.norm_eps, self.dtype, name="k_norm")(key)
         inv_freq, rope_factor = inverse_frequencies(self.rope, h)
-        if input_norm_scale is not None:
-            q, key, value = self._fused_inputs(x, positions, input_norm_scale, inv_freq, rope_factor)
-        else:
-            q = dense(n * h, "q_proj", self.qkv_bias, self.dtype)(x).reshape(b, t, n, h)
-            key = dense(k * h, "k_proj", self.qkv_bias, self.dtype)(x).reshape(b, t, k, h)
-            value = dense(k * h, "v_proj", self.qkv_bias, self.dtype)(x).reshape(b, t, k, h)
-            if self.qk_norm:
-                q = RMSNorm(self.norm_eps, self.dtype, name="q_norm")(q)
-                key = RMSNorm(self.norm_eps, self.dtype, name="k_norm")(key)
-            q = apply_rope(q, positions, inv_freq, rope_factor)
-            key = apply_rope(key, positions, inv_freq, rope_factor)
+        q = apply_rope(q, positions, inv_freq, rope_factor)
+        key = apply_rope(key, positions, inv_freq, rope_factor)
         out, cache = attend(q, key, value, positions, cache, self.spec, scale=h**-0.5)
         out = dense(d, "o_proj", self.o_bias, self.dtype)(out.reshape(b, t, n * h))
         return out, cache
-
-    def _fused_inputs(self, x, positions, norm_scale, inv_freq, rope_factor):
-        """Rotated q [B, T, N, H], rotated k and v [B, T, K, H] of the un-normalised x by `qkv_decode`,
-        from the same parameters as the XLA path."""
-        b, t, d = x.shape
-        n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
-        wq, bq = DenseParams(d, n * h, self.qkv_bias, self.dtype, name="q_proj")()
-        wk, bk = DenseParams(d, k * h, self.qkv_bias, self.dtype, name="k_proj")()
-        wv, bv = DenseParams(d, k * h, self.qkv_bias, self.dtype, name="v_proj")()
-        norms = {}
-        if self.qk_norm:
-            norms = {"q_norm": NormScale(h, self.dtype, name="q_norm")(), "k_norm": NormScale(h, self.dtype, name="k_norm")()}
-        q, key, value = qkv_kernel.qkv_decode(
-            x.reshape(b * t, d), positions.reshape(b * t), jnp.asarray(inv_freq), wq, wk, wv,
-            norm_scale=norm_scale, bq=bq, bk=bk, bv=bv, eps=self.norm_eps, attention_factor=rope_factor, **norms,
-        )  # fmt: skip
-        return q.reshape(b, t, n, h), key.reshape(b, t, k, h), value.reshape(b, t, k, h)

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from mobajax.attention import KVCache, PagedKVCache
 from mobajax.models.config import ModelConfig
-from mobajax.models.layers import Attention, GatedMLP, NormScale, RMSNorm, dense, fuses_qkv_decode
+from mobajax.models.layers import Attention, GatedMLP, RMSNorm, dense
 from mobajax.models.moe import SparseMoE
 
 
@@ -39,12 +39,11 @@ class DecoderLayer(nn.Module):
         self, x: jax.Array, positions: jax.Array, cache: KVCache | None
     ) -> tuple[jax.Array, KVCache | None]:
         c = self.config
-        spec = c.attention_spec(self.layer)
         attn = Attention(
             num_heads=c.num_heads,
             num_kv_heads=c.num_kv_heads,
             head_dim=c.head_dim,
-            spec=spec,
+            spec=c.attention_spec(self.layer),
             rope=c.rope,
             qkv_bias=c.qkv_bias,
             o_bias=c.o_bias,
@@ -53,11 +52,7 @@ class DecoderLayer(nn.Module):
             dtype=self.dtype,
             name="attn",
         )
-        b, t, d = x.shape
-        if self.mesh is None and fuses_qkv_decode(spec, b * t, d, c.head_dim):  # one kernel, input norm included
-            h, cache = attn(x, positions, cache, input_norm_scale=NormScale(d, self.dtype, name="input_norm")())
-        else:
-            h, cache = attn(RMSNorm(c.rms_norm_eps, self.dtype, name="input_norm")(x), positions, cache)
+        h, cache = attn(RMSNorm(c.rms_norm_eps, self.dtype, name="input_norm")(x), positions, cache)
         x = x + h
         if c.is_moe_layer(self.layer):
             mlp = SparseMoE(c.moe, self.dtype, self.mesh, name="moe")

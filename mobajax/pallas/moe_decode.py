@@ -84,7 +84,7 @@ def _one_row(v: jax.Array, dtype) -> jax.Array:
     return jnp.where(lax.broadcasted_iota(jnp.int32, rows.shape, 0) == 0, rows, jnp.zeros_like(rows))
 
 
-def dot_precision(dtype):
+def _precision(dtype):
     """float32 weights multiply exactly (Triton's default float32 dot is TF32)."""
     return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
@@ -102,7 +102,7 @@ def gate_up_kernel(experts_ref, x_ref, gate_ref, up_ref, g_ref, u_ref, *, top_k:
         g, u = acc
         rows = pl.ds(s * rows_per_split + i * chunk, chunk)
         xs = _one_row(x_ref[p // top_k, rows], dtype)
-        dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32, precision=dot_precision(dtype))
+        dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32, precision=_precision(dtype))
         return g + dot(xs, gate_ref[e, rows, :]), u + dot(xs, up_ref[e, rows, :])
 
     def compute():
@@ -128,7 +128,7 @@ def down_kernel(experts_ref, weights_ref, h_ref, down_ref, y_ref, *, chunk: int)
     def body(c, acc):
         rows = pl.ds(s * rows_per_split + c * chunk, chunk)
         hs = _one_row(h_ref[p, rows], dtype)
-        return acc + jnp.dot(hs, down_ref[e, rows, :], preferred_element_type=jnp.float32, precision=dot_precision(dtype))
+        return acc + jnp.dot(hs, down_ref[e, rows, :], preferred_element_type=jnp.float32, precision=_precision(dtype))
 
     def compute():
         acc = lax.fori_loop(0, rows_per_split // chunk, body, jnp.zeros((MMA_ROWS, block_d), jnp.float32))
