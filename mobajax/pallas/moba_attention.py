@@ -292,7 +292,9 @@ class _Static:
 def _select(st: _Static, q, k, layout):
     slots = min(st.top_k, -(-k.shape[0] // st.block_size))
     block_k = min(st.config.block_k, max(16, pl.next_power_of_2(st.block_size)))
-    kbar = chunk_means_pallas(k, layout, block_k=block_k, interpret=st.interpret, num_warps=4)
+    kbar = chunk_means_pallas(
+        k, layout, dtype=q.dtype, block_k=block_k, interpret=st.interpret, num_warps=4
+    )
     return select_chunks_pallas(
         q, kbar, layout, slots=slots, block_q=st.config.gate_block_q,
         interpret=st.interpret, num_warps=st.config.gate_num_warps,

@@ -1,8 +1,9 @@
 """MoBA gate in Pallas (Triton lowering): pooled keys and per-token top-k chunk selection.
 
-The gate never writes a [tokens, chunks] score tensor: each program scores one tile of queries of
-one head against every pooled key in registers and writes only the chosen chunk ids, so HBM holds
-[T, N, top_k] int32 indices and the pooled keys [K, C, H] (float32).
+The gate never writes a [tokens, chunks] score tensor: each program scores one tile of tokens, with
+all the query heads of one kv head, against that kv head's pooled keys in registers and writes only
+the chosen chunk ids, so HBM holds [T, N, top_k] int32 indices and the pooled keys [K, Cp, H]
+(float32, or a 16-bit hi + lo pair for 16-bit queries).
 
 Ragged batches are flat: q [T, N, H] and k [S, K, H] hold the sequences back to back, described by
 cu_seqlens-style offsets. Chunks get global ids (sequence by sequence); each token's candidates are
@@ -101,8 +102,7 @@ def moba_chunk_mean_kernel(
     start_ref,  # [C] int32
     len_ref,  # [C] int32
     k_ref,  # [S, K, H]
-    kbar_ref,  # [K, Cp, H] float32 (out)
-    *,
+    *kbar_refs,  # [K, Cp, H] (out): float32 kbar, or 16-bit hi and lo
     block_k: int,
     num_keys: int,
     num_chunks: int,
@@ -123,63 +123,86 @@ def moba_chunk_mean_kernel(
     acc = jax.lax.fori_loop(
         0, pl.cdiv(size, block_k), body, jnp.zeros((k_ref.shape[-1],), jnp.float32)
     )
-    kbar_ref[h, c, :] = acc / jnp.maximum(size, 1).astype(jnp.float32)
+    kbar = acc / jnp.maximum(size, 1).astype(jnp.float32)
+    if len(kbar_refs) == 1:
+        kbar_refs[0][h, c, :] = kbar
+    else:  # kbar = hi + lo to about 2**-16 relative; split here, not in XLA, whose excess-precision
+        # rewrites may drop the f32 -> 16 bit -> f32 rounding
+        hi_ref, lo_ref = kbar_refs
+        hi = kbar.astype(hi_ref.dtype)
+        hi_ref[h, c, :] = hi
+        lo_ref[h, c, :] = (kbar - hi.astype(jnp.float32)).astype(lo_ref.dtype)
 
 
 def moba_gate_kernel(
-    q_ref,  # [T, N, H]
-    kbar_ref,  # [K, Cp, H] float32
+    q_ref,  # [T * N, H]
     own_ref,  # [T] int32
     lo_ref,  # [T] int32
-    sel_ref,  # [Tp, N, J'] int32 (out), Tp = T rounded up to block_q
-    *,
-    block_q: int,
+    *refs,  # pooled keys [K, Cp, H] (float32 kbar, or 16-bit hi and lo); sel [Tp * N, J'] (out)
+    rows: int,
     group: int,
     picks: int,
 ):
-    i, n = pl.program_id(0), pl.program_id(1)
-    num_tokens = q_ref.shape[0]
-    num_padded = kbar_ref.shape[1]
-    rows = i * block_q + jnp.arange(block_q)
-    live = rows < num_tokens
-    safe = jnp.minimum(rows, num_tokens - 1)
-    q = plgpu.load(gather_rows(q_ref, safe, n))  # [block_q, H]
-    h = n // group
-    kbar = kbar_ref[h]  # [Cp, H] float32
-    if q.dtype == jnp.float32:
-        s = plgpu.dot(q, kbar, trans_b=True, precision=jax.lax.Precision.HIGHEST)
-    else:  # 16-bit q is exact; kbar = hi + lo to about 2**-16 relative, split here (not in XLA,
-        # whose excess-precision rewrites may drop the f32 -> 16 bit -> f32 rounding)
-        hi = kbar.astype(q.dtype)
-        lo = (kbar - hi.astype(jnp.float32)).astype(q.dtype)
-        s = plgpu.dot(q, hi, trans_b=True) + plgpu.dot(q, lo, trans_b=True)
+    """A tile of `rows // group` tokens x the `group` query heads of kv head h: row r is the
+    tile's token r // group, head h * group + r % group (rows past the last whole token: no writes)."""
+    *kbar_refs, sel_ref = refs
+    i, h = pl.program_id(0), pl.program_id(1)
+    num_tokens = own_ref.shape[0]
+    num_heads = q_ref.shape[0] // num_tokens
+    num_padded = kbar_refs[0].shape[1]
+    tokens = rows // group
+    r = jnp.arange(rows)
+    tok = i * tokens + r // group
+    used = r < tokens * group
+    live = tok < num_tokens
+    safe = jnp.minimum(tok, num_tokens - 1)
+    head = h * group + r % group
+    q = plgpu.load(gather_rows(q_ref, safe * num_heads + head))  # [rows, H]
+    # float32 q: one dot at full precision; 16-bit q: q . hi + q . lo, accumulated in float32
+    precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    s = plgpu.dot(q, kbar_refs[0][h], trans_b=True, precision=precision)  # [rows, Cp]
+    for ref in kbar_refs[1:]:
+        s += plgpu.dot(q, ref[h], trans_b=True)
     own = jnp.where(live, plgpu.load(own_ref.at[safe]), -1)
     lo = plgpu.load(lo_ref.at[safe])
     cid = jnp.arange(num_padded)[None, :]
-    s = jnp.where((cid >= lo[:, None]) & (cid < own[:, None]), s, -jnp.inf)  # [block_q, Cp]
-    tile = pl.ds(i * block_q, block_q)
-    plgpu.store(sel_ref.at[tile, n, jnp.int32(0)], own)
+    s = jnp.where((cid >= lo[:, None]) & (cid < own[:, None]), s, -jnp.inf)
+    out = tok * num_heads + head  # row of (token, head) in sel
+    plgpu.store(sel_ref.at[out, jnp.int32(0)], own, mask=used)
     for j in range(1, picks + 1):
         best = jnp.max(s, axis=1)
         idx = jnp.min(jnp.where(s == best[:, None], cid, num_padded), axis=1)
         idx = jnp.where(best == -jnp.inf, -1, idx)
-        plgpu.store(sel_ref.at[tile, n, jnp.int32(j)], idx.astype(jnp.int32))
-        s = jnp.where(cid == idx[:, None], -jnp.inf, s)
+        plgpu.store(sel_ref.at[out, jnp.int32(j)], idx.astype(jnp.int32), mask=used)
+        if j < picks:
+            s = jnp.where(cid == idx[:, None], -jnp.inf, s)
 
 
 def chunk_means_pallas(
-    k: jax.Array, layout: MobaLayout, *, block_k: int, interpret: bool, num_warps: int
-) -> jax.Array:
-    """Pooled keys [K, Cp, H] float32; Cp = number of chunk ids rounded up to a power of 2."""
+    k: jax.Array,
+    layout: MobaLayout,
+    *,
+    dtype: jnp.dtype,
+    block_k: int,
+    interpret: bool,
+    num_warps: int,
+) -> tuple[jax.Array, ...]:
+    """Pooled keys, each [K, Cp, H] with Cp = number of chunk ids rounded up to a power of 2:
+    (kbar,) float32 for float32 queries, (hi, lo) in `dtype` for 16-bit ones (kbar ~ hi + lo)."""
     num_chunks = layout.chunk_len.shape[0]
     padded = max(16, pl.next_power_of_2(num_chunks))
+    shape = (k.shape[1], padded, k.shape[2])
+    if dtype in (jnp.bfloat16, jnp.float16):
+        out_shape = (jax.ShapeDtypeStruct(shape, dtype),) * 2
+    else:
+        out_shape = (jax.ShapeDtypeStruct(shape, jnp.float32),)
     kernel = functools.partial(
         moba_chunk_mean_kernel, block_k=block_k, num_keys=k.shape[0], num_chunks=num_chunks
     )
     return pl.pallas_call(
         kernel,
         grid=(padded, k.shape[1]),
-        out_shape=jax.ShapeDtypeStruct((k.shape[1], padded, k.shape[2]), jnp.float32),
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
         interpret=interpret,
         name="moba_chunk_mean",
@@ -188,7 +211,7 @@ def chunk_means_pallas(
 
 def select_chunks_pallas(
     q: jax.Array,
-    kbar: jax.Array,
+    kbar: tuple[jax.Array, ...],
     layout: MobaLayout,
     *,
     slots: int,
@@ -196,21 +219,27 @@ def select_chunks_pallas(
     interpret: bool,
     num_warps: int,
 ) -> jax.Array:
-    """Global chunk ids [T, N, slots] int32: own chunk, then the best candidates, -1 past them."""
-    num_tokens, num_heads, _ = q.shape
-    group = num_heads // kbar.shape[0]
-    padded = kbar.shape[1]
-    block_q = max(16, min(block_q, pl.next_power_of_2(max(1, 16384 // padded))))
+    """Global chunk ids [T, N, slots] int32: own chunk, then the best candidates, -1 past them.
+
+    kbar: `chunk_means_pallas` of q's dtype. A program scores block_q tokens x the N / K heads of
+    one kv head, fewer tokens where the [rows, Cp] score tile or the [rows, H] query tile would
+    pass 16384 elements (at least 16 rows, the smallest dot, and one token).
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads, padded, _ = kbar[0].shape
+    group = num_heads // num_kv_heads
+    cap = 16384 // max(padded, head_dim)
+    rows = max(16, pl.next_power_of_2(group), min(pl.next_power_of_2(block_q * group), cap))
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         q = q.astype(jnp.float32)
-    tiles = pl.cdiv(num_tokens, block_q)
-    kernel = functools.partial(moba_gate_kernel, block_q=block_q, group=group, picks=slots - 1)
+    tiles = pl.cdiv(num_tokens, rows // group)
+    kernel = functools.partial(moba_gate_kernel, rows=rows, group=group, picks=slots - 1)
     sel = pl.pallas_call(
         kernel,
-        grid=(tiles, num_heads),
-        out_shape=jax.ShapeDtypeStruct((tiles * block_q, num_heads, slots), jnp.int32),
+        grid=(tiles, num_kv_heads),
+        out_shape=jax.ShapeDtypeStruct((tiles * (rows // group) * num_heads, slots), jnp.int32),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="moba_gate",
-    )(q, kbar, layout.token_own, layout.token_lo)
-    return sel[:num_tokens]
+    )(q.reshape(-1, head_dim), layout.token_own, layout.token_lo, *kbar)
+    return sel.reshape(-1, num_heads, slots)[:num_tokens]

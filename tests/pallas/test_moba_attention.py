@@ -114,6 +114,37 @@ def test_ties_pick_the_lower_chunk_like_the_reference():
     assert (np.asarray(sel)[-1] == [7, 0, 1]).all()
 
 
+# T, S, N, K, block, config, dtype: a gate program scores the N / K heads of one kv head for a tile
+# of tokens, rows (token, head) capped by the padded chunks Cp (rows * Cp <= 16384, >= 16 rows):
+# 8 tokens a tile (Cp 256, GQA 8), 2 (Cp 1024, GQA 8), 1 (GQA 32 over the 16-row cap), 21 and
+# 85 with a dead last row (GQA 3).
+GATE_CASES = [
+    (45, 3000, 8, 1, 16, SMALL, BF16),
+    (45, 3000, 8, 2, 16, SMALL, F32),
+    (9, 4000, 8, 1, 4, SMALL, BF16),
+    (5, 4000, 32, 1, 4, SMALL, F32),
+    (50, 100, 6, 2, 8, SMALL, BF16),
+    (200, 200, 6, 2, 16, MobaConfig(), F32),
+]
+
+
+@pytest.mark.parametrize("t,s,n,kv,block,config,dtype", GATE_CASES)
+def test_gate_tiles_of_all_heads_of_a_kv_head(t, s, n, kv, block, config, dtype):
+    q, k, _ = _qkv(t + s + n, t, s, n, kv, 16, dtype)
+    sel = moba_select(q, k, block_size=block, top_k=4, config=config, interpret=True)
+    want = moba_selected_chunks(q, k, block_size=block, top_k=4)
+    np.testing.assert_array_equal(np.asarray(sel), np.asarray(want))
+
+
+@pytest.mark.parametrize("dtype,n", [(BF16, 8), (F32, 6)])
+def test_lowers_to_triton(lower_for_gpu, dtype, n):
+    """Pallas -> Triton IR of the three kernels (chunk means, gate, attention); no GPU needed."""
+    q = jax.ShapeDtypeStruct((1024, n, 128), dtype)
+    k = jax.ShapeDtypeStruct((16384, 2, 128), dtype)  # 256 chunks: the gate's tile cap applies
+    text = lower_for_gpu(moba_attention, q, k, k, block_size=64, top_k=3)
+    assert text.count("__gpu$xla.gpu.triton") == 3
+
+
 @pytest.mark.parametrize("n,kv", [(4, 4), (8, 2)])
 def test_gradients_match_reference(n, kv):
     q, k, v = _qkv(10, 40, 40, n, kv, 16, F32)
