@@ -203,9 +203,11 @@ def work_list(sel, num_kv_heads, num_chunks, block_q):
     num_buckets = num_chunks * num_kv_heads
     kvh = (jnp.arange(num_heads, dtype=jnp.int32) // (num_heads // num_kv_heads))[None, :, None]
     keys = jnp.where(sel >= 0, sel * num_kv_heads + kvh, num_buckets).reshape(-1)
+    if num_buckets < 2**16 - 1:  # 16-bit keys: half the radix passes of a 32-bit sort
+        keys = keys.astype(jnp.uint16)
     rows = jnp.arange(keys.shape[0], dtype=jnp.int32)
     keys, order = jax.lax.sort((keys, rows), num_keys=1)
-    bucket_ids = jnp.arange(num_buckets + 1, dtype=jnp.int32)
+    bucket_ids = jnp.arange(num_buckets + 1, dtype=keys.dtype)
     edges = jnp.searchsorted(keys, bucket_ids, method="scan_unrolled").astype(jnp.int32)
     first, counts = edges[:-1], jnp.diff(edges)
     tiles = -(-counts // block_q)
@@ -266,7 +268,8 @@ def merge_slots(o, lse, sel, dtype):
     m = jnp.max(lse, axis=-1, keepdims=True)
     w = jnp.exp(lse - jnp.where(jnp.isfinite(m), m, 0.0))
     den = jnp.sum(w, axis=-1)
-    out = jnp.einsum("tnj,tnjh->tnh", w, o) / jnp.where(den == 0.0, 1.0, den)[..., None]
+    # a multiply + reduce (one pass over o); as an einsum XLA may emit a batched matrix-vector GEMM
+    out = jnp.sum(w[..., None] * o, axis=2) / jnp.where(den == 0.0, 1.0, den)[..., None]
     return out.astype(dtype)
 
 
