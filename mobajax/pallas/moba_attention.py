@@ -3,13 +3,15 @@
 Pipeline (one jit):
 1. `moba_gate`: pooled keys per chunk, then per (token, query head) the own chunk plus the top_k - 1
    best past chunks -> sel [T, N, top_k] int32 (the only selection state in HBM).
-2. Work list (XLA): every (token, head, slot) row goes to the bucket (chunk, kv head) it reads;
-   one sort by bucket, then tiles of `block_q` rows that all read the same chunk of one kv head.
+2. Work list (XLA): every (token, head, past slot) row goes to the bucket (chunk, kv head) it
+   reads; one sort by bucket, then tiles of `block_q` rows that all read the same chunk of one kv
+   head.
 3. `moba_attention_kernel`: per tile, gather the query rows, stream the chunk's keys (blocks that
-   every row sees whole as contiguous loads without a mask; the chunk's tail and the blocks that
-   cross a row's position masked; none past the tile's last position), write a normalised partial
-   output and its log-sum-exp per row.
-4. Merge (XLA): the top_k partial states of each (token, head) combine by their log-sum-exps.
+   every row sees whole as contiguous loads without a mask, the chunk's tail masked), write a
+   normalised partial output and its log-sum-exp per row.
+4. `moba_finish_kernel`: per tile of consecutive tokens x the query heads of one kv head, causal
+   attention over each row's own chunk, then the row's past-chunk partials merged in by their
+   log-sum-exps; writes the output.
 Rows of all the query heads of one kv head share a tile, so K/V are read per kv head (GQA-native)
 and every matmul is a dense [block_q, H] x [H, block_k] tile, whatever each token selected.
 
@@ -18,7 +20,7 @@ Log-sum-exps here are natural (base e). Backward: a custom VJP through the selec
 not differentiable.
 
 Shape letters: T tokens, S keys, N query heads, K kv heads, H head dim, J slots (top_k),
-R = T * N * J rows.
+R = T * N * (J - 1) rows of past chunks.
 """
 
 from __future__ import annotations
@@ -114,28 +116,51 @@ def fit_shared_memory(config: MobaConfig, head_dim: int, itemsize: int) -> MobaC
     return config
 
 
+def attend_block(q, carry, kk, vv, seen, scale):
+    """One online-softmax step (base 2) of query rows q [rows, H] over keys kk and values vv
+    [block_k, H]: carry (acc [rows, H], running max m [rows], sum l [rows]) float32; seen
+    [rows, block_k] bool, or None where every row sees every key."""
+    acc, m, l = carry
+    s = plgpu.dot(q, kk, trans_b=True) * (scale * _LOG2E)  # [rows, block_k]
+    if seen is not None:
+        s = jnp.where(seen, s, _MASK)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    corr = jnp.exp2(m - m_new)
+    w = jnp.exp2(s - m_new[:, None])
+    acc = acc * corr[:, None] + plgpu.dot(w.astype(vv.dtype), vv)
+    return acc, m_new, l * corr + jnp.sum(w, axis=1)
+
+
+def empty_state(rows, head_dim):
+    """The online-softmax carry before any key."""
+    return (
+        jnp.zeros((rows, head_dim), jnp.float32),
+        jnp.full((rows,), _MASK, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
+
+
 def moba_attention_kernel(
     tile_bucket_ref,  # [W] int32: bucket = chunk * K + kv head
     tile_start_ref,  # [W] int32: first entry of the tile in order_ref
     tile_len_ref,  # [W] int32: live rows of the tile (0: nothing to do)
     order_ref,  # [R + block_q] int32: rows sorted by bucket
     q_ref,  # [T * N, H]
-    pos_ref,  # [T] int32
     k_ref,  # [S, K, H]
     v_ref,  # [S, K, H]
     chunk_start_ref,  # [C] int32
     chunk_len_ref,  # [C] int32
-    chunk_pos_ref,  # [C] int32
     o_ref,  # [R + 1, H] q's dtype (out; row R is a dump for dead lanes)
     lse_ref,  # [R + 1] float32 (out), natural log
     *,
     block_q: int,
     block_k: int,
-    num_heads: int,
     num_kv_heads: int,
     slots: int,
     scale: float,
 ):
+    """A tile of rows (token, head, past slot) that all read one past chunk of one kv head: every
+    row sees the whole chunk (its tokens are later), so only the chunk's last block is masked."""
     i = pl.program_id(0)
     live_rows = tile_len_ref[i]
 
@@ -143,51 +168,25 @@ def moba_attention_kernel(
     def _():
         bucket = tile_bucket_ref[i]
         c, h = bucket // num_kv_heads, bucket % num_kv_heads
-        lane = jnp.arange(block_q)
-        live = lane < live_rows
-        rows = plgpu.load(order_ref.at[pl.ds(tile_start_ref[i], block_q)])
-        rows = jnp.where(live, rows, 0)
-        tn = rows // slots
-        q = plgpu.load(gather_rows(q_ref, tn))  # [block_q, H]
-        p = jnp.where(live, plgpu.load(pos_ref.at[tn // num_heads]), -1)
-        start, size, pos0 = chunk_start_ref[c], chunk_len_ref[c], chunk_pos_ref[c]
-        num_keys = k_ref.shape[0]
+        live = jnp.arange(block_q) < live_rows
+        rows = jnp.where(live, plgpu.load(order_ref.at[pl.ds(tile_start_ref[i], block_q)]), 0)
+        q = plgpu.load(gather_rows(q_ref, rows // slots))  # [block_q, H]
+        start, size = chunk_start_ref[c], chunk_len_ref[c]
         offs = jnp.arange(block_k)
 
-        def step(j, carry, kk, vv, seen):
-            acc, m, l = carry
-            s = plgpu.dot(q, kk, trans_b=True) * (scale * _LOG2E)  # [block_q, block_k], base 2
-            if seen is not None:
-                s = jnp.where(seen, s, _MASK)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1))
-            corr = jnp.exp2(m - m_new)
-            w = jnp.exp2(s - m_new[:, None])
-            acc = acc * corr[:, None] + plgpu.dot(w.astype(vv.dtype), vv)
-            return acc, m_new, l * corr + jnp.sum(w, axis=1)
-
-        def clear_step(j, carry):  # a whole block every live row sees: contiguous loads, no mask
+        def clear_step(j, carry):  # contiguous loads, no mask
             keys = pl.ds(start + j * block_k, block_k)
-            return step(j, carry, plgpu.load(k_ref.at[keys, h, :]), plgpu.load(v_ref.at[keys, h, :]), None)
+            kk, vv = plgpu.load(k_ref.at[keys, h, :]), plgpu.load(v_ref.at[keys, h, :])
+            return attend_block(q, carry, kk, vv, None, scale)
 
-        def masked_step(j, carry):  # the chunk's tail and the blocks that cross a row's position
+        def tail_step(j, carry):  # the chunk's partial last block
             idx = j * block_k + offs
-            keys = jnp.minimum(start + idx, num_keys - 1)
-            kk = plgpu.load(gather_rows(k_ref, keys, h))  # [block_k, H]
-            vv = plgpu.load(gather_rows(v_ref, keys, h))
-            seen = (idx < size)[None, :] & ((pos0 + idx)[None, :] <= p[:, None])
-            return step(j, carry, kk, vv, seen)
+            keys = jnp.minimum(start + idx, k_ref.shape[0] - 1)
+            kk, vv = plgpu.load(gather_rows(k_ref, keys, h)), plgpu.load(gather_rows(v_ref, keys, h))
+            return attend_block(q, carry, kk, vv, (idx < size)[None, :], scale)
 
-        init = (
-            jnp.zeros((block_q, q.shape[-1]), jnp.float32),
-            jnp.full((block_q,), _MASK, jnp.float32),
-            jnp.zeros((block_q,), jnp.float32),
-        )
-        first_p = jnp.min(jnp.where(live, p, jnp.iinfo(jnp.int32).max))  # earliest live row
-        last_p = jnp.max(jnp.where(live, p, -1))  # keys past it are masked for every row
-        clear = jnp.minimum(jnp.maximum(first_p - pos0 + 1, 0) // block_k, size // block_k)
-        end = pl.cdiv(jnp.clip(last_p - pos0 + 1, 0, size), block_k)
-        carry = jax.lax.fori_loop(0, clear, clear_step, init)
-        acc, m, l = jax.lax.fori_loop(clear, end, masked_step, carry)
+        carry = jax.lax.fori_loop(0, size // block_k, clear_step, empty_state(block_q, q.shape[-1]))
+        acc, m, l = jax.lax.fori_loop(size // block_k, pl.cdiv(size, block_k), tail_step, carry)
         dump = jnp.where(live, rows, o_ref.shape[0] - 1)
         plgpu.store(gather_rows(o_ref, dump), (acc / l[:, None]).astype(o_ref.dtype))
         plgpu.store(lse_ref.at[dump], (m + jnp.log2(l)) * _LN2)
@@ -224,9 +223,9 @@ def work_list(sel, num_kv_heads, num_chunks, block_q):
     return b, start, size, order
 
 
-def attention_partials(q, k, v, pos, work, layout, *, slots, scale, config, interpret):
-    """Per row (token, head, slot): normalised output [R + 1, H] (q's dtype) and its natural
-    log-sum-exp [R + 1] float32 over the row's chunk; rows of empty slots are not written."""
+def attention_partials(q, k, v, work, layout, *, slots, scale, config, interpret):
+    """Per row (token, head, past slot): normalised output [R + 1, H] (q's dtype) and its natural
+    log-sum-exp [R + 1] float32 over the row's past chunk; rows of empty slots are not written."""
     num_tokens, num_heads, head_dim = q.shape
     bucket, start, size, order = work
     rows = num_tokens * num_heads * slots
@@ -234,7 +233,6 @@ def attention_partials(q, k, v, pos, work, layout, *, slots, scale, config, inte
         moba_attention_kernel,
         block_q=config.block_q,
         block_k=config.block_k,
-        num_heads=num_heads,
         num_kv_heads=k.shape[1],
         slots=slots,
         scale=scale,
@@ -252,35 +250,128 @@ def attention_partials(q, k, v, pos, work, layout, *, slots, scale, config, inte
         interpret=interpret,
         name="moba_attention",
     )(
-        bucket, start, size, order, q.reshape(-1, head_dim), pos, k, v,
-        layout.chunk_start, layout.chunk_len, layout.chunk_pos,
+        bucket, start, size, order, q.reshape(-1, head_dim), k, v, layout.chunk_start, layout.chunk_len,
     )  # fmt: skip
 
 
-def merge_slots(o, lse, sel, dtype):
-    """Combine the J partial states of each (token, head) by their natural log-sum-exps."""
-    num_tokens, num_heads, slots = sel.shape
-    rows = num_tokens * num_heads * slots
-    valid = sel >= 0
-    o = o[:rows].reshape(num_tokens, num_heads, slots, -1).astype(jnp.float32)
-    o = jnp.where(valid[..., None], o, 0.0)
-    lse = jnp.where(valid, lse[:rows].reshape(num_tokens, num_heads, slots), -jnp.inf)
-    m = jnp.max(lse, axis=-1, keepdims=True)
-    w = jnp.exp(lse - jnp.where(jnp.isfinite(m), m, 0.0))
-    den = jnp.sum(w, axis=-1)
-    # a multiply + reduce (one pass over o); as an einsum XLA may emit a batched matrix-vector GEMM
-    out = jnp.sum(w[..., None] * o, axis=2) / jnp.where(den == 0.0, 1.0, den)[..., None]
-    return out.astype(dtype)
+def moba_finish_kernel(
+    q_ref,  # [T * N, H]
+    pos_ref,  # [T] int32
+    own_ref,  # [T] int32: own chunk (-1: padding token)
+    sel_ref,  # [T * N, J] int32: slot 0 the own chunk, 1.. the past chunks (-1: empty)
+    o_ref,  # [R' + 1, H]: normalised past-chunk partials, R' = T * N * (J - 1)
+    lse_ref,  # [R' + 1] float32, natural log
+    k_ref,  # [S, K, H]
+    v_ref,  # [S, K, H]
+    chunk_start_ref,  # [C] int32
+    chunk_pos_ref,  # [C] int32
+    out_ref,  # [T * N, H] (out)
+    *,
+    rows: int,
+    group: int,
+    block_k: int,
+    scale: float,
+):
+    """A tile of rows // group tokens x the `group` query heads of kv head h (row r: token
+    r // group, head h * group + r % group): attention over each row's own chunk up to its
+    position, then the row's past-chunk partials merged in by their log-sum-exps."""
+    i, h = pl.program_id(0), pl.program_id(1)
+    num_tokens = pos_ref.shape[0]
+    num_heads = q_ref.shape[0] // num_tokens
+    past_slots = sel_ref.shape[1] - 1
+    num_keys = k_ref.shape[0]
+    r = jnp.arange(rows)
+    tok = i * (rows // group) + r // group
+    used = (r < rows // group * group) & (tok < num_tokens)
+    safe = jnp.minimum(tok, num_tokens - 1)
+    tn = safe * num_heads + h * group + r % group  # row of (token, head) in q, sel and out
+    q = plgpu.load(gather_rows(q_ref, tn))  # [rows, H]
+    own = plgpu.load(own_ref.at[safe])
+    live = used & (own >= 0)
+    chunk = jnp.maximum(own, 0)
+    first = plgpu.load(chunk_start_ref.at[chunk])  # index in k of the own chunk's first key
+    last = first + plgpu.load(pos_ref.at[safe]) - plgpu.load(chunk_pos_ref.at[chunk])  # own key
+    big = jnp.iinfo(jnp.int32).max
+    first = jnp.where(live, first, big)
+    last = jnp.where(live, last, -1)
+    k_lo = jnp.minimum(jnp.min(first), num_keys)  # blocks start at k_lo
+    clear_lo = pl.cdiv(jnp.max(jnp.where(live, first, k_lo)) - k_lo, block_k)  # from here all rows see ...
+    clear_hi = jnp.maximum((jnp.min(jnp.where(live, last, big - block_k)) + 1 - k_lo) // block_k, clear_lo)
+    end = pl.cdiv(jnp.max(last) + 1 - k_lo, block_k)  # ... whole blocks up to clear_hi
+    offs = jnp.arange(block_k)
+
+    def clear_step(j, carry):
+        keys = pl.ds(k_lo + j * block_k, block_k)
+        kk, vv = plgpu.load(k_ref.at[keys, h, :]), plgpu.load(v_ref.at[keys, h, :])
+        return attend_block(q, carry, kk, vv, None, scale)
+
+    def masked_step(j, carry):
+        idx = k_lo + j * block_k + offs
+        keys = jnp.minimum(idx, num_keys - 1)
+        kk, vv = plgpu.load(gather_rows(k_ref, keys, h)), plgpu.load(gather_rows(v_ref, keys, h))
+        seen = (idx[None, :] >= first[:, None]) & (idx[None, :] <= last[:, None])
+        return attend_block(q, carry, kk, vv, seen, scale)
+
+    carry = empty_state(rows, q.shape[-1])
+    carry = jax.lax.fori_loop(0, clear_lo, masked_step, carry)
+    carry = jax.lax.fori_loop(clear_lo, clear_hi, clear_step, carry)
+    acc, m, l = jax.lax.fori_loop(clear_hi, end, masked_step, carry)
+    for j in range(past_slots):  # the past chunks: normalised partials, natural log-sum-exps
+        valid = live & (plgpu.load(sel_ref.at[tn, j + 1]) >= 0)
+        row = jnp.where(valid, tn * past_slots + j, o_ref.shape[0] - 1)
+        part = jnp.where(valid[:, None], plgpu.load(gather_rows(o_ref, row)).astype(jnp.float32), 0.0)
+        lse = jnp.where(valid, plgpu.load(lse_ref.at[row]) * _LOG2E, _MASK)
+        m_new = jnp.maximum(m, lse)
+        corr = jnp.exp2(m - m_new)
+        w = jnp.where(valid, jnp.exp2(lse - m_new), 0.0)
+        acc = acc * corr[:, None] + part * w[:, None]
+        l, m = l * corr + w, m_new
+    out = jnp.where(live[:, None], acc / jnp.where(l == 0.0, 1.0, l)[:, None], 0.0)  # padding: 0
+    dest = tok * num_heads + h * group + r % group  # masked, not clamped: a clamped duplicate would write too
+    plgpu.store(gather_rows(out_ref, dest), out.astype(out_ref.dtype), mask=used[:, None])
 
 
-def _attend_pass(q, k, v, pos, sel, layout, *, scale, config, interpret):
-    """Attention of a run of tokens q [T, N, H] over their selected chunks -> [T, N, H]."""
-    work = work_list(sel, k.shape[1], layout.chunk_len.shape[0], config.block_q)
-    o, lse = attention_partials(
-        q, k, v, pos, work, layout, slots=sel.shape[-1], scale=scale, config=config,
+def finish(q, k, v, pos, own, sel, layout, o, lse, *, scale, config, interpret):
+    """Own-chunk attention plus the merge of the past-chunk partials (o [R' + 1, H], lse [R' + 1]
+    from `attention_partials` over sel[..., 1:]) -> out [T, N, H] in q's dtype; pos, own [T]:
+    the tokens' positions and own chunk ids."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    rows = max(config.block_q, pl.next_power_of_2(group))
+    kernel = functools.partial(
+        moba_finish_kernel, rows=rows, group=group, block_k=config.block_k, scale=scale
+    )
+    out = pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(num_tokens, rows // group), num_kv_heads),
+        out_shape=jax.ShapeDtypeStruct((num_tokens * num_heads, head_dim), q.dtype),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=config.num_warps, num_stages=config.num_stages
+        ),
         interpret=interpret,
+        name="moba_finish",
+    )(
+        q.reshape(-1, head_dim), pos, own, sel.reshape(-1, sel.shape[-1]),
+        o, lse, k, v, layout.chunk_start, layout.chunk_pos,
     )  # fmt: skip
-    return merge_slots(o, lse, sel, q.dtype)
+    return out.reshape(num_tokens, num_heads, head_dim)
+
+
+def _attend_pass(q, k, v, pos, own, sel, layout, *, scale, config, interpret):
+    """Attention of a run of tokens q [T, N, H] (positions pos [T], own chunks own [T]) over
+    their selected chunks -> [T, N, H]: the past chunks bucketed into partials, then the own
+    chunk and the merge in one kernel."""
+    past = sel[..., 1:]
+    if past.shape[-1]:
+        work = work_list(past, k.shape[1], layout.chunk_len.shape[0], config.block_q)
+        o, lse = attention_partials(
+            q, k, v, work, layout, slots=past.shape[-1], scale=scale, config=config,
+            interpret=interpret,
+        )  # fmt: skip
+    else:  # top_k 1: the own chunk only
+        o, lse = jnp.zeros((1, q.shape[-1]), q.dtype), jnp.zeros((1,), jnp.float32)
+    return finish(q, k, v, pos, own, sel, layout, o, lse, scale=scale, config=config, interpret=interpret)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,12 +397,11 @@ def _select(st: _Static, q, k, layout):
 
 def _forward(st: _Static, q, k, v, layout):
     sel = _select(st, q, k, layout)
-    slots = sel.shape[-1]
     config = dataclasses.replace(
         st.config, block_k=min(st.config.block_k, max(16, pl.next_power_of_2(st.block_size)))
     )
     config = fit_shared_memory(config, q.shape[2], q.dtype.itemsize)
-    per_token = q.shape[1] * slots * q.shape[2] * q.dtype.itemsize
+    per_token = q.shape[1] * max(1, sel.shape[-1] - 1) * q.shape[2] * q.dtype.itemsize  # past-chunk partials
     step = max(config.gate_block_q, config.max_partial_bytes // per_token)
     outs = []
     for t0 in range(0, q.shape[0], step):
@@ -320,7 +410,7 @@ def _forward(st: _Static, q, k, v, layout):
             _, q = jax.lax.optimization_barrier((outs[-1], q))
         outs.append(
             _attend_pass(
-                q[t0:t1], k, v, layout.token_pos[t0:t1], sel[t0:t1], layout,
+                q[t0:t1], k, v, layout.token_pos[t0:t1], layout.token_own[t0:t1], sel[t0:t1], layout,
                 scale=st.scale, config=config, interpret=st.interpret,
             )  # fmt: skip
         )

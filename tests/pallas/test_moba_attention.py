@@ -138,11 +138,12 @@ def test_gate_tiles_of_all_heads_of_a_kv_head(t, s, n, kv, block, config, dtype)
 
 @pytest.mark.parametrize("dtype,n", [(BF16, 8), (F32, 6)])
 def test_lowers_to_triton(lower_for_gpu, dtype, n):
-    """Pallas -> Triton IR of the three kernels (chunk means, gate, attention); no GPU needed."""
+    """Pallas -> Triton IR of the four kernels (chunk means, gate, past-chunk attention, own chunk
+    + merge); no GPU needed."""
     q = jax.ShapeDtypeStruct((1024, n, 128), dtype)
     k = jax.ShapeDtypeStruct((16384, 2, 128), dtype)  # 256 chunks: the gate's tile cap applies
     text = lower_for_gpu(moba_attention, q, k, k, block_size=64, top_k=3)
-    assert text.count("__gpu$xla.gpu.triton") == 3
+    assert text.count("__gpu$xla.gpu.triton") == 4
 
 
 @pytest.mark.parametrize("n,kv", [(4, 4), (8, 2)])
