@@ -175,18 +175,19 @@ def _sweep(q, k, v, block, top_k, reps, jax, jnp):
     st = ma._Static(block, top_k, 1 / math.sqrt(q.shape[-1]), cfg, False)
     layout = ma._prepare(q, k, v, block, top_k, None, None, None)
     sel = jax.jit(lambda q, k: ma._select(st, q, k, layout))(q, k)
-    nch = layout.chunk_len.shape[0]
-    wl = jax.jit(lambda sel: ma.work_list(sel, k.shape[1], nch, cfg.block_q))
-    work = wl(sel)
+    past, nch = sel[..., 1:], layout.chunk_len.shape[0]
+    wl = jax.jit(lambda past: ma.work_list(past, k.shape[1], nch, cfg.block_q))
+    work = wl(past)
     part = jax.jit(lambda q, k, v, work: ma.attention_partials(
-        q, k, v, layout.token_pos, work, layout, slots=sel.shape[-1], scale=st.scale,
-        config=cfg, interpret=False))  # fmt: skip
+        q, k, v, work, layout, slots=past.shape[-1], scale=st.scale, config=cfg, interpret=False))  # fmt: skip
     o, lse = part(q, k, v, work)
-    mg = jax.jit(lambda o, lse: ma.merge_slots(o, lse, sel, q.dtype))
+    fin = jax.jit(lambda q, k, v, o, lse: ma.finish(
+        q, k, v, layout.token_pos, layout.token_own, sel, layout, o, lse, scale=st.scale, config=cfg,
+        interpret=False))  # fmt: skip
     stages = {
-        "work_list_s": _time(lambda: jax.block_until_ready(wl(sel)), reps),
-        "partials_s": _time(lambda: jax.block_until_ready(part(q, k, v, work)), reps),
-        "merge_s": _time(lambda: mg(o, lse).block_until_ready(), reps),
+        "work_list_s": _time(lambda: jax.block_until_ready(wl(past)), reps),
+        "past_partials_s": _time(lambda: jax.block_until_ready(part(q, k, v, work)), reps),
+        "own_chunk_and_merge_s": _time(lambda: fin(q, k, v, o, lse).block_until_ready(), reps),
     }
     out.append(stages)
     print(json.dumps(stages), flush=True)
