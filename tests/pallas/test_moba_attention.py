@@ -32,7 +32,7 @@ def _qkv(seed, t, s, n, kv, h, dtype):
     )
 
 
-# T, S, N, K, H, block, top_k, dtype: block sizes 16-256, top-k 1 .. beyond the chunks, GQA 1/4/8,
+# T, S, N, K, H, block, top_k, dtype: block sizes 8-256, top-k 1 .. beyond the chunks, GQA 1-32,
 # T < S (prefix), partial last chunks, float32 and bf16.
 CASES = [
     (64, 64, 4, 4, 16, 16, 2, F32),
@@ -42,6 +42,8 @@ CASES = [
     (60, 200, 4, 2, 16, 16, 50, F32),
     (269, 269, 2, 2, 16, 256, 2, BF16),
     (130, 150, 4, 1, 16, 128, 2, F32),
+    (50, 100, 6, 2, 16, 8, 3, BF16),  # GQA 3: own-chunk tiles with an unused last row
+    (7, 40, 32, 1, 16, 8, 2, F32),  # GQA 32: one token per own-chunk tile
 ]
 
 
