@@ -163,12 +163,12 @@ def _sweep(q, k, v, block, top_k, reps, jax, jnp):
         out.append({"config": str(cfg), "moba_s": t})
         print(json.dumps(out[-1]), flush=True)
         best = min(best, (t, cfg), key=lambda x: x[0])
-    for gq, gw in ((32, 2), (16, 4)):
-        cfg = dataclasses.replace(best[1], gate_block_q=gq, gate_num_warps=gw)
+    for gq, gw, gs in ((32, 2, 16384), (16, 4, 16384), (64, 8, 32768), (64, 8, 65536), (64, 16, 65536)):
+        cfg = dataclasses.replace(best[1], gate_block_q=gq, gate_num_warps=gw, gate_scores=gs)
         g = jax.jit(lambda q, k, c=cfg: ma.moba_select(q, k, block_size=block, top_k=top_k,
                                                       config=c))  # fmt: skip
         t = _time(lambda: g(q, k).block_until_ready(), reps)
-        out.append({"gate_config": f"block_q={gq} warps={gw}", "gate_s": t})
+        out.append({"gate_config": f"block_q={gq} warps={gw} scores={gs}", "gate_s": t})
         print(json.dumps(out[-1]), flush=True)
     # stage breakdown with the best config
     cfg = best[1]
@@ -291,6 +291,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--num-stages", type=int, default=0)
     ap.add_argument("--gate-block-q", type=int, default=0)
     ap.add_argument("--gate-num-warps", type=int, default=0)
+    ap.add_argument("--gate-scores", type=int, default=0, help="MobaConfig.gate_scores (0: default)")
     args = ap.parse_args(argv)
     names = [c for c in args.cases.split(",") if c]
     bad = [c for c in names if c not in CASES]
@@ -312,7 +313,7 @@ def main(argv: list[str]) -> int:
     from mobajax.bench.kernels import matmul_rate
     from mobajax.pallas.moba_attention import MobaConfig
 
-    knobs = ("block_q", "block_k", "num_warps", "num_stages", "gate_block_q", "gate_num_warps")
+    knobs = ("block_q", "block_k", "num_warps", "num_stages", "gate_block_q", "gate_num_warps", "gate_scores")
     config = MobaConfig(**{x: getattr(args, x) for x in knobs if getattr(args, x)})
     matmul = matmul_rate()
     rows = []

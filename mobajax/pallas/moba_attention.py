@@ -58,8 +58,10 @@ class MobaConfig:
     """Tuning knobs (hashable; all powers of two >= 16 except the counts).
 
     block_q: rows (token, head, slot) per attention program. block_k: keys per inner step.
-    gate_block_q: tokens per gate program (shrunk for many chunks). num_warps / num_stages /
-    gate_num_warps: Triton settings of the attention and gate kernels. The defaults are the best
+    gate_block_q: tokens per gate program (shrunk for many chunks). gate_scores: elements of a gate
+    program's [rows, chunks] score tile (and [rows, H] query tile) at most, past the 16-row
+    minimum. num_warps / num_stages / gate_num_warps: Triton settings of the attention and gate
+    kernels. The defaults are the best
     of the H100 sweeps in docs/benchmarks.md at block sizes 512 and 4096. max_partial_bytes: partial
     outputs (q's dtype) held at once; longer inputs run in several passes over the tokens.
     """
@@ -70,10 +72,11 @@ class MobaConfig:
     num_warps: int = 8
     num_stages: int = 3
     gate_num_warps: int = 4
+    gate_scores: int = 16384
     max_partial_bytes: int = 2**33
 
     def __post_init__(self):
-        for name in ("block_q", "block_k", "gate_block_q"):
+        for name in ("block_q", "block_k", "gate_block_q", "gate_scores"):
             value = getattr(self, name)
             if not _pow2(value):
                 raise ValueError(f"MobaConfig.{name}={value}: must be a power of two >= 16")
@@ -390,7 +393,7 @@ def _select(st: _Static, q, k, layout):
         k, layout, dtype=q.dtype, block_k=block_k, interpret=st.interpret, num_warps=4
     )
     return select_chunks_pallas(
-        q, kbar, layout, slots=slots, block_q=st.config.gate_block_q,
+        q, kbar, layout, slots=slots, block_q=st.config.gate_block_q, max_scores=st.config.gate_scores,
         interpret=st.interpret, num_warps=st.config.gate_num_warps,
     )  # fmt: skip
 

@@ -216,6 +216,7 @@ def select_chunks_pallas(
     *,
     slots: int,
     block_q: int,
+    max_scores: int,
     interpret: bool,
     num_warps: int,
 ) -> jax.Array:
@@ -223,12 +224,12 @@ def select_chunks_pallas(
 
     kbar: `chunk_means_pallas` of q's dtype. A program scores block_q tokens x the N / K heads of
     one kv head, fewer tokens where the [rows, Cp] score tile or the [rows, H] query tile would
-    pass 16384 elements (at least 16 rows, the smallest dot, and one token).
+    pass max_scores elements (at least 16 rows, the smallest dot, and one token).
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, padded, _ = kbar[0].shape
     group = num_heads // num_kv_heads
-    cap = 16384 // max(padded, head_dim)
+    cap = max_scores // max(padded, head_dim)
     rows = max(16, pl.next_power_of_2(group), min(pl.next_power_of_2(block_q * group), cap))
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         q = q.astype(jnp.float32)

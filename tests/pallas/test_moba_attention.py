@@ -119,7 +119,7 @@ def test_ties_pick_the_lower_chunk_like_the_reference():
 # T, S, N, K, block, config, dtype: a gate program scores the N / K heads of one kv head for a tile
 # of tokens, rows (token, head) capped by the padded chunks Cp (rows * Cp <= 16384, >= 16 rows):
 # 8 tokens a tile (Cp 256, GQA 8), 2 (Cp 1024, GQA 8), 1 (GQA 32 over the 16-row cap), 21 and
-# 85 with a dead last row (GQA 3).
+# 85 with a dead last row (GQA 3), 64 (a larger score tile: 256 x 256).
 GATE_CASES = [
     (45, 3000, 8, 1, 16, SMALL, BF16),
     (45, 3000, 8, 2, 16, SMALL, F32),
@@ -127,6 +127,7 @@ GATE_CASES = [
     (5, 4000, 32, 1, 4, SMALL, F32),
     (50, 100, 6, 2, 8, SMALL, BF16),
     (200, 200, 6, 2, 16, MobaConfig(), F32),
+    (300, 3000, 8, 2, 16, MobaConfig(gate_scores=65536), BF16),  # 64 tokens x 4 heads a tile
 ]
 
 
@@ -215,6 +216,8 @@ def test_bad_input_is_rejected(kwargs, match):
 def test_bad_config_and_head_dim_are_rejected():
     with pytest.raises(ValueError, match="block_q"):
         MobaConfig(block_q=48)
+    with pytest.raises(ValueError, match="gate_scores"):
+        MobaConfig(gate_scores=3000)
     q, k, v = _qkv(0, 16, 16, 2, 2, 24, F32)
     with pytest.raises(ValueError, match="head dim 24"):
         moba_attention(q, k, v, block_size=8, top_k=2, interpret=True)
