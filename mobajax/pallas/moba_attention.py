@@ -267,6 +267,7 @@ def moba_finish_kernel(
     k_ref,  # [S, K, H]
     v_ref,  # [S, K, H]
     chunk_start_ref,  # [C] int32
+    chunk_len_ref,  # [C] int32
     chunk_pos_ref,  # [C] int32
     out_ref,  # [T * N, H] (out)
     *,
@@ -291,9 +292,11 @@ def moba_finish_kernel(
     q = plgpu.load(gather_rows(q_ref, tn))  # [rows, H]
     own = plgpu.load(own_ref.at[safe])
     live = used & (own >= 0)
-    chunk = jnp.maximum(own, 0)
+    chunk = jnp.clip(own, 0, chunk_len_ref.shape[0] - 1)
     first = plgpu.load(chunk_start_ref.at[chunk])  # index in k of the own chunk's first key
-    last = first + plgpu.load(pos_ref.at[safe]) - plgpu.load(chunk_pos_ref.at[chunk])  # own key
+    seen = plgpu.load(pos_ref.at[safe]) - plgpu.load(chunk_pos_ref.at[chunk])  # own-chunk keys - 1
+    size = jnp.where(own == chunk, plgpu.load(chunk_len_ref.at[chunk]), 0)
+    last = first + jnp.minimum(seen, size - 1)  # never past the chunk's keys
     big = jnp.iinfo(jnp.int32).max
     first = jnp.where(live, first, big)
     last = jnp.where(live, last, -1)
@@ -356,7 +359,7 @@ def finish(q, k, v, pos, own, sel, layout, o, lse, *, scale, config, interpret):
         name="moba_finish",
     )(
         q.reshape(-1, head_dim), pos, own, sel.reshape(-1, sel.shape[-1]),
-        o, lse, k, v, layout.chunk_start, layout.chunk_pos,
+        o, lse, k, v, layout.chunk_start, layout.chunk_len, layout.chunk_pos,
     )  # fmt: skip
     return out.reshape(num_tokens, num_heads, head_dim)
 

@@ -86,6 +86,17 @@ def test_explicit_positions_and_default_config():
     assert_close(out, want, F32, "q_positions")
 
 
+def test_positions_past_a_sequence_never_read_the_next_one():
+    # sequence 0 has 40 keys; its queries at 40..45 (past its last key, within its last chunk)
+    # see its own keys only, as in the reference
+    q, k, v = _qkv(9, 32, 96, 4, 2, 32, F32)
+    cu_q, cu_k = jnp.array([0, 16, 32], jnp.int32), jnp.array([0, 40, 96], jnp.int32)
+    pos = jnp.concatenate([jnp.arange(30, 46), jnp.arange(40, 56)]).astype(jnp.int32)
+    args = dict(block_size=16, top_k=3, q_positions=pos, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    out = moba_attention(q, k, v, **args, config=SMALL, interpret=True)
+    assert_close(out, moba_attention_reference(q, k, v, **args), F32, "past the keys")
+
+
 @pytest.mark.parametrize("prefix", [1, 7, 16])
 def test_own_chunk_tiles_ending_anywhere_in_a_key_block(prefix):
     # one head, 16-row tiles: each tile of the own chunk stops at its last token, which with
