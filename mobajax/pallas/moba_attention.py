@@ -300,10 +300,12 @@ def moba_finish_kernel(
     big = jnp.iinfo(jnp.int32).max
     first = jnp.where(live, first, big)
     last = jnp.where(live, last, -1)
-    k_lo = jnp.minimum(jnp.min(first), num_keys)  # blocks start at k_lo
-    clear_lo = pl.cdiv(jnp.max(jnp.where(live, first, k_lo)) - k_lo, block_k)  # from here all rows see ...
-    clear_hi = jnp.maximum((jnp.min(jnp.where(live, last, big - block_k)) + 1 - k_lo) // block_k, clear_lo)
-    end = pl.cdiv(jnp.max(last) + 1 - k_lo, block_k)  # ... whole blocks up to clear_hi
+    # blocks of block_k keys from the tile's first own-chunk key k_lo up to `end` (none without a
+    # live row); those in [clear_lo, clear_hi) every live row sees whole, the others are masked
+    k_lo = jnp.minimum(jnp.min(first), num_keys)
+    end = jnp.maximum(pl.cdiv(jnp.max(last) + 1 - k_lo, block_k), 0)
+    clear_lo = jnp.minimum(pl.cdiv(jnp.max(jnp.where(live, first, k_lo)) - k_lo, block_k), end)
+    clear_hi = jnp.clip((jnp.min(jnp.where(live, last, big - block_k)) + 1 - k_lo) // block_k, clear_lo, end)
     offs = jnp.arange(block_k)
 
     def clear_step(j, carry):

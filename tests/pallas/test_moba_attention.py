@@ -86,6 +86,15 @@ def test_explicit_positions_and_default_config():
     assert_close(out, want, F32, "q_positions")
 
 
+def test_tiles_of_padding_tokens_only():
+    # 30 padding tokens after one sequence of 10: own-chunk tiles (8 tokens) with no live row
+    q, k, v = _qkv(10, 40, 30, 4, 2, 16, F32)
+    args = dict(block_size=16, top_k=2, cu_seqlens_q=jnp.array([0, 10]), cu_seqlens_k=jnp.array([0, 30]))
+    out = moba_attention(q, k, v, **args, config=SMALL, interpret=True)
+    assert_close(out, moba_attention_reference(q, k, v, **args), F32, "padding tiles")
+    assert float(jnp.max(jnp.abs(out[10:]))) == 0.0
+
+
 def test_positions_past_a_sequence_never_read_the_next_one():
     # sequence 0 has 40 keys; its queries at 40..45 (past its last key, within its last chunk)
     # see its own keys only, as in the reference
