@@ -35,18 +35,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mobajax import moba as moba_ref
+from mobajax.pallas import online_softmax as osm
 from mobajax.pallas.moba_gate import (
     MAX_CHUNKS,
     chunk_means_pallas,
     gather_rows,
+    kv_head_tile,
     moba_layout,
     num_chunk_ids,
     select_chunks_pallas,
 )
-
-_MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
-_LOG2E = math.log2(math.e)
-_LN2 = math.log(2.0)
 
 
 def _pow2(x: int) -> bool:
@@ -119,28 +117,11 @@ def fit_shared_memory(config: MobaConfig, head_dim: int, itemsize: int) -> MobaC
     return config
 
 
-def attend_block(q, carry, kk, vv, seen, scale):
-    """One online-softmax step (base 2) of query rows q [rows, H] over keys kk and values vv
-    [block_k, H]: carry (acc [rows, H], running max m [rows], sum l [rows]) float32; seen
-    [rows, block_k] bool, or None where every row sees every key."""
-    acc, m, l = carry
-    s = plgpu.dot(q, kk, trans_b=True) * (scale * _LOG2E)  # [rows, block_k]
-    if seen is not None:
-        s = jnp.where(seen, s, _MASK)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    corr = jnp.exp2(m - m_new)
-    w = jnp.exp2(s - m_new[:, None])
-    acc = acc * corr[:, None] + plgpu.dot(w.astype(vv.dtype), vv)
-    return acc, m_new, l * corr + jnp.sum(w, axis=1)
-
-
-def empty_state(rows, head_dim):
-    """The online-softmax carry before any key."""
-    return (
-        jnp.zeros((rows, head_dim), jnp.float32),
-        jnp.full((rows,), _MASK, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-    )
+def attend_keys(state, q, kk, vv, seen, scale):
+    """Fold keys kk and values vv [block_k, H] into the online-softmax state of query rows
+    q [rows, H]; seen [rows, block_k] bool, or None where every row sees every key."""
+    s = osm.qk_logits(q, kk, scale)
+    return osm.update(state, s if seen is None else jnp.where(seen, s, -jnp.inf), vv)
 
 
 def moba_attention_kernel(
@@ -180,19 +161,19 @@ def moba_attention_kernel(
         def clear_step(j, carry):  # contiguous loads, no mask
             keys = pl.ds(start + j * block_k, block_k)
             kk, vv = plgpu.load(k_ref.at[keys, h, :]), plgpu.load(v_ref.at[keys, h, :])
-            return attend_block(q, carry, kk, vv, None, scale)
+            return attend_keys(carry, q, kk, vv, None, scale)
 
         def tail_step(j, carry):  # the chunk's partial last block
             idx = j * block_k + offs
             keys = jnp.minimum(start + idx, k_ref.shape[0] - 1)
             kk, vv = plgpu.load(gather_rows(k_ref, keys, h)), plgpu.load(gather_rows(v_ref, keys, h))
-            return attend_block(q, carry, kk, vv, (idx < size)[None, :], scale)
+            return attend_keys(carry, q, kk, vv, (idx < size)[None, :], scale)
 
-        carry = jax.lax.fori_loop(0, size // block_k, clear_step, empty_state(block_q, q.shape[-1]))
-        acc, m, l = jax.lax.fori_loop(size // block_k, pl.cdiv(size, block_k), tail_step, carry)
+        state = jax.lax.fori_loop(0, size // block_k, clear_step, osm.init_state(block_q, q.shape[-1]))
+        out, lse = osm.finalize(jax.lax.fori_loop(size // block_k, pl.cdiv(size, block_k), tail_step, state))
         dump = jnp.where(live, rows, o_ref.shape[0] - 1)
-        plgpu.store(gather_rows(o_ref, dump), (acc / l[:, None]).astype(o_ref.dtype))
-        plgpu.store(lse_ref.at[dump], (m + jnp.log2(l)) * _LN2)
+        plgpu.store(gather_rows(o_ref, dump), out.astype(o_ref.dtype))
+        plgpu.store(lse_ref.at[dump], lse)
 
 
 def work_list(sel, num_kv_heads, num_chunks, block_q):
@@ -279,16 +260,15 @@ def moba_finish_kernel(
     """A tile of rows // group tokens x the `group` query heads of kv head h (row r: token
     r // group, head h * group + r % group): attention over each row's own chunk up to its
     position, then the row's past-chunk partials merged in by their log-sum-exps."""
-    i, h = pl.program_id(0), pl.program_id(1)
+    h = pl.program_id(1)
     num_tokens = pos_ref.shape[0]
     num_heads = q_ref.shape[0] // num_tokens
     past_slots = sel_ref.shape[1] - 1
     num_keys = k_ref.shape[0]
-    r = jnp.arange(rows)
-    tok = i * (rows // group) + r // group
-    used = (r < rows // group * group) & (tok < num_tokens)
+    tok, head, whole = kv_head_tile(rows, group)
+    used = whole & (tok < num_tokens)
     safe = jnp.minimum(tok, num_tokens - 1)
-    tn = safe * num_heads + h * group + r % group  # row of (token, head) in q, sel and out
+    tn = safe * num_heads + head  # row of (token, head) in q, sel and out
     q = plgpu.load(gather_rows(q_ref, tn))  # [rows, H]
     own = plgpu.load(own_ref.at[safe])
     live = used & (own >= 0)
@@ -311,31 +291,26 @@ def moba_finish_kernel(
     def clear_step(j, carry):
         keys = pl.ds(k_lo + j * block_k, block_k)
         kk, vv = plgpu.load(k_ref.at[keys, h, :]), plgpu.load(v_ref.at[keys, h, :])
-        return attend_block(q, carry, kk, vv, None, scale)
+        return attend_keys(carry, q, kk, vv, None, scale)
 
     def masked_step(j, carry):
         idx = k_lo + j * block_k + offs
         keys = jnp.minimum(idx, num_keys - 1)
         kk, vv = plgpu.load(gather_rows(k_ref, keys, h)), plgpu.load(gather_rows(v_ref, keys, h))
         seen = (idx[None, :] >= first[:, None]) & (idx[None, :] <= last[:, None])
-        return attend_block(q, carry, kk, vv, seen, scale)
+        return attend_keys(carry, q, kk, vv, seen, scale)
 
-    carry = empty_state(rows, q.shape[-1])
-    carry = jax.lax.fori_loop(0, clear_lo, masked_step, carry)
-    carry = jax.lax.fori_loop(clear_lo, clear_hi, clear_step, carry)
-    acc, m, l = jax.lax.fori_loop(clear_hi, end, masked_step, carry)
+    state = osm.init_state(rows, q.shape[-1])
+    state = jax.lax.fori_loop(0, clear_lo, masked_step, state)
+    state = jax.lax.fori_loop(clear_lo, clear_hi, clear_step, state)
+    state = jax.lax.fori_loop(clear_hi, end, masked_step, state)
     for j in range(past_slots):  # the past chunks: normalised partials, natural log-sum-exps
         valid = live & (plgpu.load(sel_ref.at[tn, j + 1]) >= 0)
         row = jnp.where(valid, tn * past_slots + j, o_ref.shape[0] - 1)
         part = jnp.where(valid[:, None], plgpu.load(gather_rows(o_ref, row)).astype(jnp.float32), 0.0)
-        lse = jnp.where(valid, plgpu.load(lse_ref.at[row]) * _LOG2E, _MASK)
-        m_new = jnp.maximum(m, lse)
-        corr = jnp.exp2(m - m_new)
-        w = jnp.where(valid, jnp.exp2(lse - m_new), 0.0)
-        acc = acc * corr[:, None] + part * w[:, None]
-        l, m = l * corr + w, m_new
-    out = jnp.where(live[:, None], acc / jnp.where(l == 0.0, 1.0, l)[:, None], 0.0)  # padding: 0
-    dest = tok * num_heads + h * group + r % group  # masked, not clamped: a clamped duplicate would write too
+        state = osm.merge(state, part, jnp.where(valid, plgpu.load(lse_ref.at[row]), -jnp.inf))
+    out = jnp.where(live[:, None], osm.finalize(state)[0], 0.0)  # padding tokens: 0
+    dest = tok * num_heads + head  # masked, not clamped: a clamped duplicate would write too
     plgpu.store(gather_rows(out_ref, dest), out.astype(out_ref.dtype), mask=used[:, None])
 
 

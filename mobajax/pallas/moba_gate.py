@@ -34,6 +34,15 @@ def gather_rows(ref, rows, *middle):
     return ref.at[rows[:, None], *middle, cols]
 
 
+def kv_head_tile(rows: int, group: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The rows of program (token tile i, kv head h) when a row is a (token, query head) pair of
+    the tile's rows // group tokens x the `group` query heads of kv head h -> (token [rows], query
+    head [rows], whole [rows]: False for the rows past the last whole token)."""
+    i, h = pl.program_id(0), pl.program_id(1)
+    r = jnp.arange(rows)
+    return i * (rows // group) + r // group, h * group + r % group, r < rows // group * group
+
+
 class MobaLayout(NamedTuple):
     """Where every token and chunk of a flat ragged batch lives (all int32).
 
@@ -146,17 +155,13 @@ def moba_gate_kernel(
     """A tile of `rows // group` tokens x the `group` query heads of kv head h: row r is the
     tile's token r // group, head h * group + r % group (rows past the last whole token: no writes)."""
     *kbar_refs, sel_ref = refs
-    i, h = pl.program_id(0), pl.program_id(1)
+    h = pl.program_id(1)
     num_tokens = own_ref.shape[0]
     num_heads = q_ref.shape[0] // num_tokens
     num_padded = kbar_refs[0].shape[1]
-    tokens = rows // group
-    r = jnp.arange(rows)
-    tok = i * tokens + r // group
-    used = r < tokens * group
+    tok, head, used = kv_head_tile(rows, group)
     live = tok < num_tokens
     safe = jnp.minimum(tok, num_tokens - 1)
-    head = h * group + r % group
     q = plgpu.load(gather_rows(q_ref, safe * num_heads + head))  # [rows, H]
     # float32 q: one dot at full precision; 16-bit q: q . hi + q . lo, accumulated in float32
     precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None

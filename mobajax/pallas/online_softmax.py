@@ -55,6 +55,17 @@ def update(state, s: jax.Array, v: jax.Array):
     return o, m_new, l
 
 
+def merge(state, out: jax.Array, lse: jax.Array):
+    """Fold a normalised partial state over other keys into the state: out [M, H] float32
+    (finite), lse [M] float32 natural log, -inf where that part saw nothing."""
+    o, m, l = state
+    lse2 = lse * LOG2E
+    m_new = jnp.maximum(m, lse2)
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha, w = jnp.exp2(m - m_safe), jnp.exp2(lse2 - m_safe)
+    return alpha[:, None] * o + w[:, None] * out, m_new, alpha * l + w
+
+
 def finalize(state):
     """(out [M, H] float32 normalised, lse [M] float32 natural log; -inf where nothing seen)."""
     o, m, l = state
