@@ -134,11 +134,12 @@ def moba_attention_kernel(
     v_ref,  # [S, K, H]
     chunk_start_ref,  # [C] int32
     chunk_len_ref,  # [C] int32
-    o_ref,  # [R + 1, H] q's dtype (out; row R is a dump for dead lanes)
-    lse_ref,  # [R + 1] float32 (out), natural log
+    o_ref,  # [R + P, H] q's dtype (out, rows in `partial_row` order; row R: a dump for dead lanes)
+    lse_ref,  # [R + P] float32 (out), natural log
     *,
     block_q: int,
     block_k: int,
+    num_heads: int,
     num_kv_heads: int,
     slots: int,
     scale: float,
@@ -171,9 +172,25 @@ def moba_attention_kernel(
 
         state = jax.lax.fori_loop(0, size // block_k, clear_step, osm.init_state(block_q, q.shape[-1]))
         out, lse = osm.finalize(jax.lax.fori_loop(size // block_k, pl.cdiv(size, block_k), tail_step, state))
-        dump = jnp.where(live, rows, o_ref.shape[0] - 1)
+        tn, slot = rows // slots, rows % slots
+        dest = partial_row(tn, slot, q_ref.shape[0] // num_heads, num_heads, num_kv_heads)
+        dump = jnp.where(live, dest, q_ref.shape[0] * slots)
         plgpu.store(gather_rows(o_ref, dump), out.astype(o_ref.dtype))
         plgpu.store(lse_ref.at[dump], lse)
+
+
+def partial_row(tn, slot, num_tokens, num_heads, num_kv_heads):
+    """Row of the past-chunk partial of (token, head) row tn = token * N + head and past slot
+    `slot`, in (slot, kv head, token, head within the group) order: the partials that one
+    `moba_finish_kernel` tile merges for one slot are consecutive rows."""
+    group = num_heads // num_kv_heads
+    tok, head = tn // num_heads, tn % num_heads
+    return ((slot * num_kv_heads + head // group) * num_tokens + tok) * group + head % group
+
+
+def finish_rows(config, group: int) -> int:
+    """Rows (token, head) of a `moba_finish_kernel` tile: rows // group tokens x `group` heads."""
+    return max(config.block_q, pl.next_power_of_2(group))
 
 
 def work_list(sel, num_kv_heads, num_chunks, block_q):
@@ -208,15 +225,17 @@ def work_list(sel, num_kv_heads, num_chunks, block_q):
 
 
 def attention_partials(q, k, v, work, layout, *, slots, scale, config, interpret):
-    """Per row (token, head, past slot): normalised output [R + 1, H] (q's dtype) and its natural
-    log-sum-exp [R + 1] float32 over the row's past chunk; rows of empty slots are not written."""
+    """Per row (token, head, past slot): normalised output [R + P, H] (q's dtype) and its natural
+    log-sum-exp [R + P] float32 over the row's past chunk, at `partial_row`; rows of empty slots
+    are not written. The P = `finish_rows` spare rows let a finish tile read whole row blocks."""
     num_tokens, num_heads, head_dim = q.shape
     bucket, start, size, order = work
-    rows = num_tokens * num_heads * slots
+    rows = num_tokens * num_heads * slots + finish_rows(config, num_heads // k.shape[1])
     kernel = functools.partial(
         moba_attention_kernel,
         block_q=config.block_q,
         block_k=config.block_k,
+        num_heads=num_heads,
         num_kv_heads=k.shape[1],
         slots=slots,
         scale=scale,
@@ -225,8 +244,8 @@ def attention_partials(q, k, v, work, layout, *, slots, scale, config, interpret
         kernel,
         grid=(bucket.shape[0],),
         out_shape=(
-            jax.ShapeDtypeStruct((rows + 1, head_dim), q.dtype),
-            jax.ShapeDtypeStruct((rows + 1,), jnp.float32),
+            jax.ShapeDtypeStruct((rows, head_dim), q.dtype),
+            jax.ShapeDtypeStruct((rows,), jnp.float32),
         ),
         compiler_params=plgpu.CompilerParams(
             num_warps=config.num_warps, num_stages=config.num_stages
@@ -243,8 +262,8 @@ def moba_finish_kernel(
     pos_ref,  # [T] int32
     own_ref,  # [T] int32: own chunk (-1: padding token)
     sel_ref,  # [T * N, J] int32: slot 0 the own chunk, 1.. the past chunks (-1: empty)
-    o_ref,  # [R' + 1, H]: normalised past-chunk partials, R' = T * N * (J - 1)
-    lse_ref,  # [R' + 1] float32, natural log
+    o_ref,  # [R' + P, H]: normalised past-chunk partials (`partial_row` order), R' = T*N*(J-1)
+    lse_ref,  # [R' + P] float32, natural log
     k_ref,  # [S, K, H]
     v_ref,  # [S, K, H]
     chunk_start_ref,  # [C] int32
@@ -260,7 +279,7 @@ def moba_finish_kernel(
     """A tile of rows // group tokens x the `group` query heads of kv head h (row r: token
     r // group, head h * group + r % group): attention over each row's own chunk up to its
     position, then the row's past-chunk partials merged in by their log-sum-exps."""
-    h = pl.program_id(1)
+    i, h = pl.program_id(0), pl.program_id(1)
     num_tokens = pos_ref.shape[0]
     num_heads = q_ref.shape[0] // num_tokens
     past_slots = sel_ref.shape[1] - 1
@@ -304,24 +323,28 @@ def moba_finish_kernel(
     state = jax.lax.fori_loop(0, clear_lo, masked_step, state)
     state = jax.lax.fori_loop(clear_lo, clear_hi, clear_step, state)
     state = jax.lax.fori_loop(clear_hi, end, masked_step, state)
+    num_kv_heads = k_ref.shape[1]
     for j in range(past_slots):  # the past chunks: normalised partials, natural log-sum-exps
         valid = live & (plgpu.load(sel_ref.at[tn, j + 1]) >= 0)
-        row = jnp.where(valid, tn * past_slots + j, o_ref.shape[0] - 1)
-        part = jnp.where(valid[:, None], plgpu.load(gather_rows(o_ref, row)).astype(jnp.float32), 0.0)
-        state = osm.merge(state, part, jnp.where(valid, plgpu.load(lse_ref.at[row]), -jnp.inf))
+        # this tile's rows of slot j are consecutive (`partial_row`); rows of empty slots and
+        # past the last token were never written, so they are masked after the load
+        base = ((j * num_kv_heads + h) * num_tokens + i * (rows // group)) * group
+        part = plgpu.load(o_ref.at[pl.ds(base, rows), :]).astype(jnp.float32)
+        lse = plgpu.load(lse_ref.at[pl.ds(base, rows)])
+        state = osm.merge(state, jnp.where(valid[:, None], part, 0.0), jnp.where(valid, lse, -jnp.inf))
     out = jnp.where(live[:, None], osm.finalize(state)[0], 0.0)  # padding tokens: 0
     dest = tok * num_heads + head  # masked, not clamped: a clamped duplicate would write too
     plgpu.store(gather_rows(out_ref, dest), out.astype(out_ref.dtype), mask=used[:, None])
 
 
 def finish(q, k, v, pos, own, sel, layout, o, lse, *, scale, config, interpret):
-    """Own-chunk attention plus the merge of the past-chunk partials (o [R' + 1, H], lse [R' + 1]
+    """Own-chunk attention plus the merge of the past-chunk partials (o [R' + P, H], lse [R' + P]
     from `attention_partials` over sel[..., 1:]) -> out [T, N, H] in q's dtype; pos, own [T]:
     the tokens' positions and own chunk ids."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
-    rows = max(config.block_q, pl.next_power_of_2(group))
+    rows = finish_rows(config, group)
     kernel = functools.partial(
         moba_finish_kernel, rows=rows, group=group, block_k=config.block_k, scale=scale
     )
