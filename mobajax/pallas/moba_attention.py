@@ -323,12 +323,12 @@ def moba_finish_kernel(
     state = jax.lax.fori_loop(0, clear_lo, masked_step, state)
     state = jax.lax.fori_loop(clear_lo, clear_hi, clear_step, state)
     state = jax.lax.fori_loop(clear_hi, end, masked_step, state)
-    num_kv_heads = k_ref.shape[1]
+    first_tn = i * (rows // group) * num_heads + h * group  # the tile's row 0
     for j in range(past_slots):  # the past chunks: normalised partials, natural log-sum-exps
         valid = live & (plgpu.load(sel_ref.at[tn, j + 1]) >= 0)
         # this tile's rows of slot j are consecutive (`partial_row`); rows of empty slots and
         # past the last token were never written, so they are masked after the load
-        base = ((j * num_kv_heads + h) * num_tokens + i * (rows // group)) * group
+        base = partial_row(first_tn, j, num_tokens, num_heads, k_ref.shape[1])
         part = plgpu.load(o_ref.at[pl.ds(base, rows), :]).astype(jnp.float32)
         lse = plgpu.load(lse_ref.at[pl.ds(base, rows)])
         state = osm.merge(state, jnp.where(valid[:, None], part, 0.0), jnp.where(valid, lse, -jnp.inf))

@@ -13,10 +13,12 @@ from mobajax.moba import moba_attention_dense_mask, moba_selected_chunks
 from mobajax.pallas.moba_attention import (
     SHARED_MEMORY_BUDGET,
     MobaConfig,
+    finish_rows,
     fit_shared_memory,
     moba_attention,
     moba_attention_reference,
     moba_select,
+    partial_row,
 )
 from tests.pallas.conftest import assert_close
 
@@ -259,6 +261,29 @@ def test_tiles_shrink_to_fit_shared_memory(head_dim, itemsize, want):
     size = (config.block_q + 2 * config.num_stages * config.block_k) * head_dim * itemsize
     assert size <= SHARED_MEMORY_BUDGET
     assert config.num_stages == MobaConfig().num_stages
+
+
+@pytest.mark.parametrize("t, n, kv, slots", [(37, 32, 8, 11), (5, 12, 4, 2), (9, 6, 2, 3), (4, 4, 4, 1)])
+def test_partials_of_a_finish_tile_are_consecutive_rows(t, n, kv, slots):
+    """partial_row is a bijection onto the T * N * slots rows, and for every slot the rows of a
+    finish tile (consecutive tokens x the heads of one kv head) form one block starting at the
+    tile's first row, which is what the finish kernel loads."""
+    group = n // kv
+    rows = finish_rows(MobaConfig(block_q=16), group)
+    tn = np.arange(t * n)
+    dest = np.stack([np.asarray(partial_row(tn, j, t, n, kv)) for j in range(slots)])
+    assert sorted(dest.ravel()) == list(range(t * n * slots))
+    per_tile = rows // group
+    for j in range(slots):
+        for h in range(kv):
+            for tok0 in range(0, t, per_tile):
+                r = np.arange(per_tile * group)
+                tok, head = tok0 + r // group, h * group + r % group
+                real = tok < t
+                got = dest[j, (tok * n + head)[real]]
+                base = int(partial_row(tok0 * n + h * group, j, t, n, kv))
+                np.testing.assert_array_equal(got, base + r[real])
+                assert base + rows <= t * n * slots + rows  # the spare rows keep the block in bounds
 
 
 @pytest.mark.gpu
