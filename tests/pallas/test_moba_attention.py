@@ -283,7 +283,6 @@ def test_partials_of_a_finish_tile_are_consecutive_rows(t, n, kv, slots):
                 got = dest[j, (tok * n + head)[real]]
                 base = int(partial_row(tok0 * n + h * group, j, t, n, kv))
                 np.testing.assert_array_equal(got, base + r[real])
-                assert base + rows <= t * n * slots + rows  # the spare rows keep the block in bounds
 
 
 @pytest.mark.gpu
