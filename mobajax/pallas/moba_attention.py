@@ -259,16 +259,13 @@ def attention_partials(q, k, v, work, layout, *, slots, scale, config, interpret
 
 def moba_finish_kernel(
     q_ref,  # [T * N, H]
-    pos_ref,  # [T] int32
-    own_ref,  # [T] int32: own chunk (-1: padding token)
+    first_ref,  # [T] int32: index in k of the token's first own-chunk key (padding: int32 max)
+    last_ref,  # [T] int32: index in k of the last key the token sees (padding: -1)
     sel_ref,  # [T * N, J] int32: slot 0 the own chunk, 1.. the past chunks (-1: empty)
     o_ref,  # [R' + P, H]: normalised past-chunk partials (`partial_row` order), R' = T*N*(J-1)
     lse_ref,  # [R' + P] float32, natural log
     k_ref,  # [S, K, H]
     v_ref,  # [S, K, H]
-    chunk_start_ref,  # [C] int32
-    chunk_len_ref,  # [C] int32
-    chunk_pos_ref,  # [C] int32
     out_ref,  # [T * N, H] (out)
     *,
     rows: int,
@@ -280,7 +277,7 @@ def moba_finish_kernel(
     r // group, head h * group + r % group): attention over each row's own chunk up to its
     position, then the row's past-chunk partials merged in by their log-sum-exps."""
     i, h = pl.program_id(0), pl.program_id(1)
-    num_tokens = pos_ref.shape[0]
+    num_tokens = first_ref.shape[0]
     num_heads = q_ref.shape[0] // num_tokens
     past_slots = sel_ref.shape[1] - 1
     num_keys = k_ref.shape[0]
@@ -289,13 +286,8 @@ def moba_finish_kernel(
     safe = jnp.minimum(tok, num_tokens - 1)
     tn = safe * num_heads + head  # row of (token, head) in q, sel and out
     q = plgpu.load(gather_rows(q_ref, tn))  # [rows, H]
-    own = plgpu.load(own_ref.at[safe])
-    live = used & (own >= 0)
-    chunk = jnp.clip(own, 0, chunk_len_ref.shape[0] - 1)
-    first = plgpu.load(chunk_start_ref.at[chunk])  # index in k of the own chunk's first key
-    seen = plgpu.load(pos_ref.at[safe]) - plgpu.load(chunk_pos_ref.at[chunk])  # own-chunk keys - 1
-    size = jnp.where(own == chunk, plgpu.load(chunk_len_ref.at[chunk]), 0)
-    last = first + jnp.minimum(seen, size - 1)  # never past the chunk's keys
+    first, last = plgpu.load(first_ref.at[safe]), plgpu.load(last_ref.at[safe])
+    live = used & (first <= last)
     big = jnp.iinfo(jnp.int32).max
     first = jnp.where(live, first, big)
     last = jnp.where(live, last, -1)
@@ -337,6 +329,17 @@ def moba_finish_kernel(
     plgpu.store(gather_rows(out_ref, dest), out.astype(out_ref.dtype), mask=used[:, None])
 
 
+def own_key_range(pos, own, layout):
+    """Per token (positions pos [T], own chunk ids own [T], -1 for padding), the indices in k of
+    the first own-chunk key and of the last key it sees -> (first [T], last [T]) int32; padding
+    tokens get (int32 max, -1)."""
+    chunk = jnp.clip(own, 0, layout.chunk_len.shape[0] - 1)
+    live = own >= 0
+    first = layout.chunk_start[chunk]
+    last = first + jnp.minimum(pos - layout.chunk_pos[chunk], layout.chunk_len[chunk] - 1)
+    return jnp.where(live, first, jnp.iinfo(jnp.int32).max), jnp.where(live, last, -1)
+
+
 def finish(q, k, v, pos, own, sel, layout, o, lse, *, scale, config, interpret):
     """Own-chunk attention plus the merge of the past-chunk partials (o [R' + P, H], lse [R' + P]
     from `attention_partials` over sel[..., 1:]) -> out [T, N, H] in q's dtype; pos, own [T]:
@@ -358,8 +361,8 @@ def finish(q, k, v, pos, own, sel, layout, o, lse, *, scale, config, interpret):
         interpret=interpret,
         name="moba_finish",
     )(
-        q.reshape(-1, head_dim), pos, own, sel.reshape(-1, sel.shape[-1]),
-        o, lse, k, v, layout.chunk_start, layout.chunk_len, layout.chunk_pos,
+        q.reshape(-1, head_dim), *own_key_range(pos, own, layout), sel.reshape(-1, sel.shape[-1]),
+        o, lse, k, v,
     )  # fmt: skip
     return out.reshape(num_tokens, num_heads, head_dim)
 

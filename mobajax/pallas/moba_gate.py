@@ -174,11 +174,11 @@ def moba_gate_kernel(
     s = jnp.where((cid >= lo[:, None]) & (cid < own[:, None]), s, -jnp.inf)
     out = tok * num_heads + head  # row of (token, head) in sel
     plgpu.store(sel_ref.at[out, jnp.int32(0)], own, mask=used)
+    candidates = own - lo  # the chunks lo .. own - 1 (padding: none)
     for j in range(1, picks + 1):
-        best = jnp.max(s, axis=1)
-        idx = jnp.min(jnp.where(s == best[:, None], cid, num_padded), axis=1)
-        idx = jnp.where(best == -jnp.inf, -1, idx)
-        plgpu.store(sel_ref.at[out, jnp.int32(j)], idx.astype(jnp.int32), mask=used)
+        # one reduction per pick: the best score's chunk, the lowest id among equal scores
+        idx = jnp.argmax(s, axis=1).astype(jnp.int32)
+        plgpu.store(sel_ref.at[out, jnp.int32(j)], jnp.where(j <= candidates, idx, -1), mask=used)
         if j < picks:
             s = jnp.where(cid == idx[:, None], -jnp.inf, s)
 
