@@ -9,9 +9,9 @@ Pipeline (one jit):
 3. `moba_attention_kernel`: per tile, gather the query rows, stream the chunk's keys (blocks that
    every row sees whole as contiguous loads without a mask, the chunk's tail masked), write a
    normalised partial output and its log-sum-exp per row.
-4. `moba_finish_kernel`: per tile of consecutive tokens x the query heads of one kv head, causal
-   attention over each row's own chunk, then the row's past-chunk partials merged in by their
-   log-sum-exps; writes the output.
+4. `moba_finish_kernel`: per tile of consecutive tokens x the query heads of one kv head, the
+   row's past-chunk partials merged by their log-sum-exps, then causal attention over the row's
+   own chunk folded in; writes the output.
 Rows of all the query heads of one kv head share a tile, so K/V are read per kv head (GQA-native)
 and every matmul is a dense [block_q, H] x [H, block_k] tile, whatever each token selected.
 
@@ -275,7 +275,7 @@ def moba_finish_kernel(
 ):
     """A tile of rows // group tokens x the `group` query heads of kv head h (row r: token
     r // group, head h * group + r % group): attention over each row's own chunk up to its
-    position, then the row's past-chunk partials merged in by their log-sum-exps."""
+    position, starting from the row's past-chunk partials merged by their log-sum-exps."""
     i, h = pl.program_id(0), pl.program_id(1)
     num_tokens = first_ref.shape[0]
     num_heads = q_ref.shape[0] // num_tokens
@@ -311,12 +311,11 @@ def moba_finish_kernel(
         seen = (idx[None, :] >= first[:, None]) & (idx[None, :] <= last[:, None])
         return attend_keys(carry, q, kk, vv, seen, scale)
 
+    # the past chunks first: their normalised partials merged in the layout they are loaded in,
+    # the own chunk's keys then folded into that state (one layout change, at the loop's entry)
     state = osm.init_state(rows, q.shape[-1])
-    state = jax.lax.fori_loop(0, clear_lo, masked_step, state)
-    state = jax.lax.fori_loop(clear_lo, clear_hi, clear_step, state)
-    state = jax.lax.fori_loop(clear_hi, end, masked_step, state)
     first_tn = i * (rows // group) * num_heads + h * group  # the tile's row 0
-    for j in range(past_slots):  # the past chunks: normalised partials, natural log-sum-exps
+    for j in range(past_slots):  # natural log-sum-exps
         valid = live & (plgpu.load(sel_ref.at[tn, j + 1]) >= 0)
         # this tile's rows of slot j are consecutive (`partial_row`); rows of empty slots and
         # past the last token were never written, so they are masked after the load
@@ -324,6 +323,9 @@ def moba_finish_kernel(
         part = plgpu.load(o_ref.at[pl.ds(base, rows), :]).astype(jnp.float32)
         lse = plgpu.load(lse_ref.at[pl.ds(base, rows)])
         state = osm.merge(state, jnp.where(valid[:, None], part, 0.0), jnp.where(valid, lse, -jnp.inf))
+    state = jax.lax.fori_loop(0, clear_lo, masked_step, state)
+    state = jax.lax.fori_loop(clear_lo, clear_hi, clear_step, state)
+    state = jax.lax.fori_loop(clear_hi, end, masked_step, state)
     out = jnp.where(live[:, None], osm.finalize(state)[0], 0.0)  # padding tokens: 0
     dest = tok * num_heads + head  # masked, not clamped: a clamped duplicate would write too
     plgpu.store(gather_rows(out_ref, dest), out.astype(out_ref.dtype), mask=used[:, None])
