@@ -127,15 +127,19 @@ def test_several_passes_over_the_tokens_give_the_same_result():
     assert_close(out, want, F32, "4 passes")
 
 
-def test_ties_pick_the_lower_chunk_like_the_reference():
+def _check_ties_pick_the_lower_chunk(dtype, interpret):
     row = np.random.default_rng(9).standard_normal((1, 1, 16))
-    k = jnp.asarray(np.tile(row, (64, 1, 1)), F32)  # all pooled keys equal: every score ties
-    q, _, _ = _qkv(9, 64, 64, 2, 1, 16, F32)
-    sel = moba_select(q, k, block_size=8, top_k=3, config=SMALL, interpret=True)
+    k = jnp.asarray(np.tile(row, (64, 1, 1)), dtype)  # all pooled keys equal: every score ties
+    q, _, _ = _qkv(9, 64, 64, 2, 1, 16, dtype)
+    sel = moba_select(q, k, block_size=8, top_k=3, config=SMALL, interpret=interpret)
     np.testing.assert_array_equal(
         np.asarray(sel), np.asarray(moba_selected_chunks(q, k, block_size=8, top_k=3))
     )
     assert (np.asarray(sel)[-1] == [7, 0, 1]).all()
+
+
+def test_ties_pick_the_lower_chunk_like_the_reference():
+    _check_ties_pick_the_lower_chunk(F32, interpret=True)
 
 
 # T, S, N, K, block, config, dtype: a gate program scores the N / K heads of one kv head for a tile
@@ -308,6 +312,12 @@ def test_gpu_kernel_matches_reference(dtype):
                            block_size=block, scale=h**-0.5)  # fmt: skip
     rel = float(jnp.linalg.norm((out - want).astype(F32)) / jnp.linalg.norm(want.astype(F32)))
     assert rel < (1e-2 if dtype == BF16 else 3e-3), rel  # Triton's float32 dot is tf32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [BF16, F32])
+def test_gpu_ties_pick_the_lower_chunk(dtype):  # the picks' argmax under Triton
+    _check_ties_pick_the_lower_chunk(dtype, interpret=False)
 
 
 @pytest.mark.gpu
