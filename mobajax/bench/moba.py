@@ -138,6 +138,52 @@ def _check(q, k, v, out, block, top_k, jax, jnp):
             "max_gate_gap_of_flips": gap}  # fmt: skip
 
 
+def pass_stages(q, k, v, block, top_k, config, reps, interpret=False) -> dict:
+    """Seconds of each stage of the last token pass of `moba_attention` (the pass whose tokens
+    have the most past chunks; one pass unless the partials pass `max_partial_bytes`): the gate
+    (`moba_select` work of the pass), the work list, the past-chunk partials, the own chunk plus
+    the merge, and the own chunk alone (the finish kernel with no past slots)."""
+    import jax
+    import jax.numpy as jnp
+
+    from mobajax.pallas import moba_attention as ma
+
+    s, n, h = q.shape
+    tiles = ma.tile_config(config, block, h, q.dtype.itemsize)
+    step = min(s, ma.pass_tokens(tiles, n, min(top_k, -(-k.shape[0] // block)), h, q.dtype.itemsize))
+    qt, pos = q[s - step:], jnp.arange(s - step, s, dtype=jnp.int32)
+    st = ma._Static(block, top_k, 1 / math.sqrt(h), config, interpret)
+    layout = ma._prepare(qt, k, v, block, top_k, None, None, pos)
+    select = jax.jit(lambda q, k: ma._select(st, q, k, layout))
+    sel = select(qt, k)
+    past = sel[..., 1:]
+    wl = jax.jit(lambda past: ma.work_list(past, k.shape[1], layout.chunk_len.shape[0], tiles.block_q))
+    work = wl(past)
+
+    def partials(q, k, v, work):
+        return ma.attention_partials(q, k, v, work, layout, slots=past.shape[-1], scale=st.scale,
+                                     config=tiles, interpret=interpret)  # fmt: skip
+
+    def finish(sel):
+        return jax.jit(lambda q, k, v, o, lse: ma.finish(
+            q, k, v, layout.token_pos, layout.token_own, sel, layout, o, lse, scale=st.scale,
+            config=tiles, interpret=interpret))  # fmt: skip
+
+    part = jax.jit(partials)
+    o, lse = part(qt, k, v, work)
+    none = jnp.zeros((1, h), q.dtype), jnp.zeros((1,), jnp.float32)
+    fin, own = finish(sel), finish(sel[..., :1])
+    return {
+        "pass_tokens": step,
+        "passes": -(-s // step),
+        "gate_pass_s": _time(lambda: select(qt, k).block_until_ready(), reps),
+        "work_list_s": _time(lambda: jax.block_until_ready(wl(past)), reps),
+        "past_partials_s": _time(lambda: jax.block_until_ready(part(qt, k, v, work)), reps),
+        "own_chunk_and_merge_s": _time(lambda: fin(qt, k, v, o, lse).block_until_ready(), reps),
+        "own_chunk_only_s": _time(lambda: own(qt, k, v, *none).block_until_ready(), reps),
+    }
+
+
 def _sweep(q, k, v, block, top_k, reps, jax, jnp):
     """Stage times and a few tile configurations; returns (rows, best config)."""
     import dataclasses
@@ -174,28 +220,10 @@ def _sweep(q, k, v, block, top_k, reps, jax, jnp):
             row["error"] = str(err)[:200]
         out.append(row)
         print(json.dumps(row), flush=True)
-    # stage breakdown with the best config
-    cfg = best[1]
-    st = ma._Static(block, top_k, 1 / math.sqrt(q.shape[-1]), cfg, False)
-    layout = ma._prepare(q, k, v, block, top_k, None, None, None)
-    sel = jax.jit(lambda q, k: ma._select(st, q, k, layout))(q, k)
-    past, nch = sel[..., 1:], layout.chunk_len.shape[0]
-    wl = jax.jit(lambda past: ma.work_list(past, k.shape[1], nch, cfg.block_q))
-    work = wl(past)
-    part = jax.jit(lambda q, k, v, work: ma.attention_partials(
-        q, k, v, work, layout, slots=past.shape[-1], scale=st.scale, config=cfg, interpret=False))  # fmt: skip
-    o, lse = part(q, k, v, work)
-    fin = jax.jit(lambda q, k, v, o, lse: ma.finish(
-        q, k, v, layout.token_pos, layout.token_own, sel, layout, o, lse, scale=st.scale, config=cfg,
-        interpret=False))  # fmt: skip
-    stages = {
-        "work_list_s": _time(lambda: jax.block_until_ready(wl(past)), reps),
-        "past_partials_s": _time(lambda: jax.block_until_ready(part(q, k, v, work)), reps),
-        "own_chunk_and_merge_s": _time(lambda: fin(q, k, v, o, lse).block_until_ready(), reps),
-    }
+    stages = pass_stages(q, k, v, block, top_k, best[1], reps)
     out.append(stages)
     print(json.dumps(stages), flush=True)
-    return out, cfg
+    return out, best[1]
 
 
 def _case(name, s, block, top_k, args, matmul, jax, jnp, config):
@@ -220,6 +248,9 @@ def _case(name, s, block, top_k, args, matmul, jax, jnp, config):
     flops = moba_flops(s, block, top_k, n, h)
     row["moba_tflops"] = flops / row["moba_s"] / 1e12
     row["floor_s"] = flops / matmul
+    if args.stages:
+        row["stages"] = pass_stages(q, k, v, block, top_k, config, reps)
+        print(json.dumps(row["stages"]), flush=True)
     if args.sweep and name == args.sweep:
         row["sweep"], _ = _sweep(q, k, v, block, top_k, reps, jax, jnp)
     dense_flops = 4.0 * h * n * s * (s + 1) / 2
@@ -289,6 +320,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--max-cudnn", type=int, default=1 << 20, help="largest S for the cuDNN peer")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--sweep", default="", help="case to sweep tile configs and time stages on")
+    ap.add_argument("--stages", action="store_true",
+                    help="also time the stages of each case's last token pass (gate, work list, "
+                         "past partials, own chunk + merge, own chunk alone)")  # fmt: skip
     ap.add_argument("--block-q", type=int, default=0, help="MobaConfig.block_q (0: default)")
     ap.add_argument("--block-k", type=int, default=0)
     ap.add_argument("--num-warps", type=int, default=0)

@@ -406,14 +406,24 @@ def _select(st: _Static, q, k, layout):
     )  # fmt: skip
 
 
+def tile_config(config: MobaConfig, block_size: int, head_dim: int, itemsize: int) -> MobaConfig:
+    """The attention kernels' config: block_k at most the chunk size (rounded up to a power of
+    two, >= 16), then `fit_shared_memory`."""
+    block_k = min(config.block_k, max(16, pl.next_power_of_2(block_size)))
+    return fit_shared_memory(dataclasses.replace(config, block_k=block_k), head_dim, itemsize)
+
+
+def pass_tokens(config: MobaConfig, num_heads: int, slots: int, head_dim: int, itemsize: int) -> int:
+    """Tokens per pass: as many as keep the past-chunk partials of `slots` selected chunks
+    (own included) within `config.max_partial_bytes` (at least one gate tile)."""
+    per_token = num_heads * max(1, slots - 1) * head_dim * itemsize
+    return max(config.gate_block_q, config.max_partial_bytes // per_token)
+
+
 def _forward(st: _Static, q, k, v, layout):
     sel = _select(st, q, k, layout)
-    config = dataclasses.replace(
-        st.config, block_k=min(st.config.block_k, max(16, pl.next_power_of_2(st.block_size)))
-    )
-    config = fit_shared_memory(config, q.shape[2], q.dtype.itemsize)
-    per_token = q.shape[1] * max(1, sel.shape[-1] - 1) * q.shape[2] * q.dtype.itemsize  # past-chunk partials
-    step = max(config.gate_block_q, config.max_partial_bytes // per_token)
+    config = tile_config(st.config, st.block_size, q.shape[2], q.dtype.itemsize)
+    step = pass_tokens(config, q.shape[1], sel.shape[-1], q.shape[2], q.dtype.itemsize)
     outs = []
     for t0 in range(0, q.shape[0], step):
         t1 = min(q.shape[0], t0 + step)
