@@ -157,31 +157,36 @@ def pass_stages(q, k, v, block, top_k, config, reps, interpret=False) -> dict:
     select = jax.jit(lambda q, k: ma._select(st, q, k, layout))
     sel = select(qt, k)
     past = sel[..., 1:]
-    wl = jax.jit(lambda past: ma.work_list(past, k.shape[1], layout.chunk_len.shape[0], tiles.block_q))
-    work = wl(past)
-
-    def partials(q, k, v, work):
-        return ma.attention_partials(q, k, v, work, layout, slots=past.shape[-1], scale=st.scale,
-                                     config=tiles, interpret=interpret)  # fmt: skip
 
     def finish(sel):
         return jax.jit(lambda q, k, v, o, lse: ma.finish(
             q, k, v, layout.token_pos, layout.token_own, sel, layout, o, lse, scale=st.scale,
             config=tiles, interpret=interpret))  # fmt: skip
 
-    part = jax.jit(partials)
-    o, lse = part(qt, k, v, work)
     none = jnp.zeros((1, h), q.dtype), jnp.zeros((1,), jnp.float32)
-    fin, own = finish(sel), finish(sel[..., :1])
-    return {
+    own = finish(sel[..., :1])
+    own_s = _time(lambda: own(qt, k, v, *none).block_until_ready(), reps)
+    stages = {
         "pass_tokens": step,
         "passes": -(-s // step),
         "gate_pass_s": _time(lambda: select(qt, k).block_until_ready(), reps),
-        "work_list_s": _time(lambda: jax.block_until_ready(wl(past)), reps),
-        "past_partials_s": _time(lambda: jax.block_until_ready(part(qt, k, v, work)), reps),
-        "own_chunk_and_merge_s": _time(lambda: fin(qt, k, v, o, lse).block_until_ready(), reps),
-        "own_chunk_only_s": _time(lambda: own(qt, k, v, *none).block_until_ready(), reps),
+        "work_list_s": 0.0,  # top_k 1: no past chunks, nothing to merge
+        "past_partials_s": 0.0,
+        "own_chunk_and_merge_s": own_s,
+        "own_chunk_only_s": own_s,
     }
+    if past.shape[-1]:
+        wl = jax.jit(lambda past: ma.work_list(past, k.shape[1], layout.chunk_len.shape[0], tiles.block_q))
+        work = wl(past)
+        part = jax.jit(lambda q, k, v, work: ma.attention_partials(
+            q, k, v, work, layout, slots=past.shape[-1], scale=st.scale, config=tiles,
+            interpret=interpret))  # fmt: skip
+        o, lse = part(qt, k, v, work)
+        fin = finish(sel)
+        stages["work_list_s"] = _time(lambda: jax.block_until_ready(wl(past)), reps)
+        stages["past_partials_s"] = _time(lambda: jax.block_until_ready(part(qt, k, v, work)), reps)
+        stages["own_chunk_and_merge_s"] = _time(lambda: fin(qt, k, v, o, lse).block_until_ready(), reps)
+    return stages
 
 
 def _sweep(q, k, v, block, top_k, reps, jax, jnp):

@@ -26,6 +26,12 @@ def test_one_pass_times_every_stage():
     assert all(stages[name] > 0 for name in names), stages
 
 
+def test_top_k_one_has_no_past_stages():
+    q, k, v = _qkv(64)
+    stages = pass_stages(q, k, v, 32, 1, SMALL, reps=1, interpret=True)
+    assert stages["work_list_s"] == stages["past_partials_s"] == 0.0 and stages["own_chunk_only_s"] > 0
+
+
 def test_the_pass_length_follows_max_partial_bytes():
     q, k, v = _qkv(128)
     # partials of 48 tokens: 48 tokens x 4 heads x 2 past slots x 16 x 4 bytes
