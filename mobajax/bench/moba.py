@@ -150,7 +150,7 @@ def pass_stages(q, k, v, block, top_k, config, reps, interpret=False) -> dict:
 
     s, n, h = q.shape
     tiles = ma.tile_config(config, block, h, q.dtype.itemsize)
-    step = min(s, ma.pass_tokens(tiles, n, min(top_k, -(-k.shape[0] // block)), h, q.dtype.itemsize))
+    step = min(s, ma.pass_tokens(tiles, n, ma.num_slots(top_k, k.shape[0], block), h, q.dtype.itemsize))
     qt, pos = q[s - step:], jnp.arange(s - step, s, dtype=jnp.int32)
     st = ma._Static(block, top_k, 1 / math.sqrt(h), config, interpret)
     layout = ma._prepare(qt, k, v, block, top_k, None, None, pos)

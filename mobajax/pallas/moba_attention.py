@@ -394,11 +394,22 @@ class _Static:
     interpret: bool
 
 
+def num_slots(top_k: int, num_keys: int, block_size: int) -> int:
+    """Selection slots per (token, head): top_k, at most the chunks S keys can fill."""
+    return min(top_k, -(-num_keys // block_size))
+
+
+def key_block(config: MobaConfig, block_size: int) -> int:
+    """Keys per kernel step: config.block_k, at most the chunk size rounded up to a power of
+    two (>= 16)."""
+    return min(config.block_k, max(16, pl.next_power_of_2(block_size)))
+
+
 def _select(st: _Static, q, k, layout):
-    slots = min(st.top_k, -(-k.shape[0] // st.block_size))
-    block_k = min(st.config.block_k, max(16, pl.next_power_of_2(st.block_size)))
+    slots = num_slots(st.top_k, k.shape[0], st.block_size)
     kbar = chunk_means_pallas(
-        k, layout, dtype=q.dtype, block_k=block_k, interpret=st.interpret, num_warps=4
+        k, layout, dtype=q.dtype, block_k=key_block(st.config, st.block_size), interpret=st.interpret,
+        num_warps=4
     )
     return select_chunks_pallas(
         q, kbar, layout, slots=slots, block_q=st.config.gate_block_q, max_scores=st.config.gate_scores,
@@ -407,10 +418,10 @@ def _select(st: _Static, q, k, layout):
 
 
 def tile_config(config: MobaConfig, block_size: int, head_dim: int, itemsize: int) -> MobaConfig:
-    """The attention kernels' config: block_k at most the chunk size (rounded up to a power of
-    two, >= 16), then `fit_shared_memory`."""
-    block_k = min(config.block_k, max(16, pl.next_power_of_2(block_size)))
-    return fit_shared_memory(dataclasses.replace(config, block_k=block_k), head_dim, itemsize)
+    """The attention kernels' config: block_k capped by `key_block`, then `fit_shared_memory`."""
+    return fit_shared_memory(
+        dataclasses.replace(config, block_k=key_block(config, block_size)), head_dim, itemsize
+    )
 
 
 def pass_tokens(config: MobaConfig, num_heads: int, slots: int, head_dim: int, itemsize: int) -> int:
