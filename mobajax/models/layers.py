@@ -37,11 +37,12 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
 
     XLA on the GPU rewrites a one-row dot with a weight matrix under 10M elements (every
     projection of a 2048-wide model at batch 1) into a multiply + reduce fusion that reads the
-    weights at a fraction of a GEMM's rate; with two rows it stays a GEMM.
+    weights at a fraction of a GEMM's rate; with two rows it stays a GEMM. The second row is a
+    broadcast, which XLA fuses into the GEMM (a concatenate took a kernel of its own).
     """
     (contract, _), batch = dimension_numbers
     if lhs.ndim >= 2 and math.prod(lhs.shape[:-1]) == 1 and tuple(contract) == (lhs.ndim - 1,) and not batch[0]:
-        twice = jnp.concatenate([lhs, lhs], axis=-2)
+        twice = jnp.broadcast_to(lhs, (*lhs.shape[:-2], 2, lhs.shape[-1]))
         out = jax.lax.dot_general(twice, rhs, dimension_numbers, precision, preferred_element_type)
         return jax.lax.slice_in_dim(out, 0, 1, axis=lhs.ndim - 2)
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)

@@ -32,7 +32,7 @@ from mobajax.models.config import MoEConfig
 from mobajax.models.layers import GatedMLP, dense, dot_general
 from mobajax.pallas.grouped_matmul import grouped_matmul, grouped_matmul_mosaic, mosaic_config_for
 from mobajax.pallas.moe_decode import fits, moe_decode
-from mobajax.pallas.router_top_k import route_reference, router_top_k
+from mobajax.pallas.router_top_k import ROWS, logits_fit, route_reference, router_logits, router_top_k
 
 
 def route(logits: jax.Array, top_k: int, normalize: bool, impl: str = "xla") -> tuple[jax.Array, jax.Array]:
@@ -41,6 +41,22 @@ def route(logits: jax.Array, top_k: int, normalize: bool, impl: str = "xla") -> 
     if impl == "xla":
         return route_reference(logits, top_k, normalize)
     return router_top_k(logits, top_k, normalize)
+
+
+def route_tokens(
+    x: jax.Array, router: jax.Array, top_k: int, normalize: bool, impl: str = "xla"
+) -> tuple[jax.Array, jax.Array]:
+    """Tokens x [N, D] and router weights [D, E] -> `route` of the float32 logits x @ router.
+
+    The kernel impls take a few tokens (N <= `ROWS`, decode; D a multiple of 16) through `router_logits`, whose
+    partial logits `router_top_k` sums; otherwise the logits are one float32 GEMM at HIGHEST
+    precision (no TF32 on the GPU; `dot_general` keeps one token a GEMM).
+    """
+    if impl != "xla" and x.shape[0] <= ROWS and logits_fit(x.shape[1]):
+        return router_top_k(router_logits(x, router), top_k, normalize)
+    logits = dot_general(x.astype(jnp.float32), router.astype(jnp.float32), (((1,), (0,)), ((), ())),
+                         precision=jax.lax.Precision.HIGHEST)
+    return route(logits, top_k, normalize, impl)
 
 
 def expert_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str) -> jax.Array:
@@ -75,9 +91,9 @@ def run_experts(
     n, k = experts.shape
     num_local = gate.shape[0]
     local = experts - first_expert
-    local = jnp.where((local >= 0) & (local < num_local), local, -1)
     if impl != "xla" and n * k <= num_local // 2 and fits(x.shape[1], gate.shape[2]):
-        return moe_decode(x, weights, local, gate, up, down)
+        return moe_decode(x, weights, local, gate, up, down)  # ids outside 0..E_local-1 contribute 0
+    local = jnp.where((local >= 0) & (local < num_local), local, -1)
     return grouped_experts(x, weights, local, gate, up, down, impl=impl)
 
 
@@ -173,10 +189,7 @@ class SparseMoE(nn.Module):
         router = self.param("router", nn.initializers.lecun_normal(), (d, e), self.dtype)
         gate, up, down = _Experts(e, d, f, self.dtype, name="experts")()
         flat = x.reshape(b * t, d)
-        # float32 throughout (HIGHEST: no TF32 on the GPU); `dot_general` keeps one token a GEMM
-        logits = dot_general(flat.astype(jnp.float32), router.astype(jnp.float32), (((1,), (0,)), ((), ())),
-                             precision=jax.lax.Precision.HIGHEST)
-        weights, chosen = route(logits, c.top_k, c.norm_topk_prob, c.impl)
+        weights, chosen = route_tokens(flat, router, c.top_k, c.norm_topk_prob, c.impl)
         self.sow("intermediates", "chosen_experts", chosen)  # [B * T, top_k], with mutable=["intermediates"]
         if self.mesh is None:
             out = run_experts(flat, weights, chosen, gate, up, down, impl=c.impl)

@@ -12,9 +12,9 @@ assignment reads its own expert's weights anyway, so the experts run per assignm
 The one-row products run on the tensor cores as [16, chunk] x [chunk, block] dots whose rows
 past the first are zero: Triton pipelines the weight tiles of a dot through shared memory, which
 keeps enough loads in flight to stream the weights (elementwise multiply-sum loops measured
-20-40% of the copy bandwidth, see docs/benchmarks.md). Assignments with expert -1 (an expert
-held by another device under expert parallelism) contribute 0 and read nothing. No atomics: the
-result is deterministic.
+20-40% of the copy bandwidth, see docs/benchmarks.md). Assignments with an expert id outside
+0..E-1 (an expert held by another device under expert parallelism) contribute 0 and read
+nothing. No atomics: the result is deterministic.
 
 Pallas with the Triton lowering; `interpret=True` runs it on CPU. `moe_decode_reference` is the
 same contract in plain jax.numpy. D and F must be multiples of 16 (`fits`).
@@ -111,7 +111,7 @@ def gate_up_kernel(experts_ref, x_ref, gate_ref, up_ref, g_ref, u_ref, *, top_k:
         return jnp.sum(g, axis=0), jnp.sum(u, axis=0)
 
     zero = jnp.zeros(block_f, jnp.float32)
-    g, u = lax.cond(e >= 0, compute, lambda: (zero, zero))
+    g, u = lax.cond((e >= 0) & (e < gate_ref.shape[0]), compute, lambda: (zero, zero))
     g_ref[p, s, :] = g
     u_ref[p, s, :] = u
 
@@ -134,7 +134,7 @@ def down_kernel(experts_ref, weights_ref, h_ref, down_ref, y_ref, *, chunk: int)
         acc = lax.fori_loop(0, rows_per_split // chunk, body, jnp.zeros((MMA_ROWS, block_d), jnp.float32))
         return weights_ref[p] * jnp.sum(acc, axis=0)
 
-    y_ref[p, s, :] = lax.cond(e >= 0, compute, lambda: jnp.zeros(block_d, jnp.float32))
+    y_ref[p, s, :] = lax.cond((e >= 0) & (e < down_ref.shape[0]), compute, lambda: jnp.zeros(block_d, jnp.float32))
 
 
 def _check(x, weights, experts, gate, up, down) -> None:
@@ -167,9 +167,9 @@ def moe_decode(
 ) -> jax.Array:
     """sum_i weights[n, i] * expert_{experts[n, i]}(x[n]) -> [N, D] float32 (SwiGLU experts).
 
-    x [N, D]; weights [N, k]; experts [N, k] int, ids into gate/up [E, D, F] and down [E, F, D],
-    -1 for an assignment whose expert is not held here (it contributes 0). The expert MLP's
-    hidden activations are rounded to x's dtype between the two kernels, as in the grouped path.
+    x [N, D]; weights [N, k]; experts [N, k] int, ids into gate/up [E, D, F] and down [E, F, D];
+    an id outside 0..E-1 is an expert not held here (it contributes 0). The expert MLP's hidden
+    activations are rounded to x's dtype between the two kernels, as in the grouped path.
     """
     _check(x, weights, experts, gate, up, down)
     n, top_k = experts.shape
@@ -239,8 +239,8 @@ def moe_down(h, experts, weights, down, *, config: MoeDecodeConfig, interpret: b
 def moe_decode_reference(x, weights, experts, gate, up, down) -> jax.Array:
     """The contract in plain jax.numpy: each assignment's expert MLP, gathered per assignment."""
     _check(x, weights, experts, gate, up, down)
-    held = experts >= 0
-    e = jnp.maximum(experts, 0)
+    held = (experts >= 0) & (experts < gate.shape[0])
+    e = jnp.where(held, experts, 0)
     hp = lax.Precision.HIGHEST
     xf = x.astype(jnp.float32)
     g = jnp.einsum("nd,nkdf->nkf", xf, gate[e].astype(jnp.float32), precision=hp)

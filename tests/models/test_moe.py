@@ -264,12 +264,18 @@ def test_one_token_router_is_a_two_row_float32_gemm_at_highest_precision():
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas", "mosaic"])
-def test_kernel_impls_route_with_one_kernel(impl):
+@pytest.mark.parametrize("tokens", [3, 17])
+def test_kernel_impls_route_with_one_kernel(impl, tokens):
     """The kernel impls route with one `router_top_k` kernel (XLA runs `route_reference` as
-    five small kernels); "xla" keeps the XLA ops, which also run on CPU."""
-    x = jnp.ones((1, 3, 64), jnp.float32)
+    five small kernels); up to 16 tokens their logits come from `router_logits` instead of a
+    GEMM. "xla" keeps the XLA ops, which also run on CPU."""
+    x = jnp.ones((1, tokens, 64), jnp.float32)
     config = MoEConfig(num_experts=8, top_k=2, intermediate_size=32, norm_topk_prob=True)
     params = SparseMoE(config).init(jax.random.key(0), x)["params"]
     module = SparseMoE(MoEConfig(num_experts=8, top_k=2, intermediate_size=32, norm_topk_prob=True, impl=impl))
-    jaxpr = str(jax.make_jaxpr(lambda p, x: module.apply({"params": p}, x))(params, x))
-    assert ("router_top_k" in jaxpr) == (impl != "xla")
+    jaxpr = jax.make_jaxpr(lambda p, x: module.apply({"params": p}, x))(params, x)
+    text = str(jaxpr)
+    assert ("router_top_k" in text) == (impl != "xla")
+    assert ("router_logits" in text) == (impl != "xla" and tokens <= 16)
+    router_dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general" and e.invars[1].aval.shape == (64, 8)]
+    assert len(router_dots) == int(impl == "xla" or tokens > 16)
