@@ -32,7 +32,7 @@ from mobajax.models.config import MoEConfig
 from mobajax.models.layers import GatedMLP, dense, dot_general
 from mobajax.pallas.grouped_matmul import grouped_matmul, grouped_matmul_mosaic, mosaic_config_for
 from mobajax.pallas.moe_decode import fits, moe_decode
-from mobajax.pallas.router_top_k import ROWS, logits_fit, route_reference, router_logits, router_top_k
+from mobajax.pallas.router_top_k import route_reference, router_top_k
 
 
 def route(logits: jax.Array, top_k: int, normalize: bool, impl: str = "xla") -> tuple[jax.Array, jax.Array]:
@@ -48,14 +48,17 @@ def route_tokens(
 ) -> tuple[jax.Array, jax.Array]:
     """Tokens x [N, D] and router weights [D, E] -> `route` of the float32 logits x @ router.
 
-    The kernel impls take a few tokens (N <= `ROWS`, decode; D a multiple of 16) through `router_logits`, whose
-    partial logits `router_top_k` sums; otherwise the logits are one float32 GEMM at HIGHEST
-    precision (no TF32 on the GPU; `dot_general` keeps one token a GEMM).
+    Every product is exact in float32 and summed in float32: 16-bit x and router of one dtype
+    multiply on the tensor cores with float32 accumulation (their products fit float32); other
+    dtypes as float32 at HIGHEST precision (no TF32 on the GPU). `dot_general` keeps one token a
+    GEMM.
     """
-    if impl != "xla" and x.shape[0] <= ROWS and logits_fit(x.shape[1]):
-        return router_top_k(router_logits(x, router), top_k, normalize)
-    logits = dot_general(x.astype(jnp.float32), router.astype(jnp.float32), (((1,), (0,)), ((), ())),
-                         precision=jax.lax.Precision.HIGHEST)
+    dims = (((1,), (0,)), ((), ()))
+    if x.dtype == router.dtype and x.dtype in (jnp.bfloat16, jnp.float16):
+        logits = dot_general(x, router, dims, preferred_element_type=jnp.float32)
+    else:
+        logits = dot_general(x.astype(jnp.float32), router.astype(jnp.float32), dims,
+                             precision=jax.lax.Precision.HIGHEST)
     return route(logits, top_k, normalize, impl)
 
 

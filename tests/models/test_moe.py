@@ -18,7 +18,7 @@ from mobajax.generate import generate_tokens
 from mobajax.models import forward, load_pretrained
 from mobajax.models.config import MoEConfig
 from mobajax.models.layers import GatedMLP
-from mobajax.models.moe import SparseMoE, route, run_experts
+from mobajax.models.moe import SparseMoE, route, route_tokens, run_experts
 from tests.models.hf_checkpoints import SMALL, torch_greedy, torch_logits
 
 RNG = np.random.RandomState(1)
@@ -264,18 +264,29 @@ def test_one_token_router_is_a_two_row_float32_gemm_at_highest_precision():
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas", "mosaic"])
-@pytest.mark.parametrize("tokens", [3, 17])
-def test_kernel_impls_route_with_one_kernel(impl, tokens):
+def test_kernel_impls_route_with_one_kernel(impl):
     """The kernel impls route with one `router_top_k` kernel (XLA runs `route_reference` as
-    five small kernels); up to 16 tokens their logits come from `router_logits` instead of a
-    GEMM. "xla" keeps the XLA ops, which also run on CPU."""
-    x = jnp.ones((1, tokens, 64), jnp.float32)
+    five small kernels); "xla" keeps the XLA ops, which also run on CPU."""
+    x = jnp.ones((1, 3, 64), jnp.float32)
     config = MoEConfig(num_experts=8, top_k=2, intermediate_size=32, norm_topk_prob=True)
     params = SparseMoE(config).init(jax.random.key(0), x)["params"]
     module = SparseMoE(MoEConfig(num_experts=8, top_k=2, intermediate_size=32, norm_topk_prob=True, impl=impl))
-    jaxpr = jax.make_jaxpr(lambda p, x: module.apply({"params": p}, x))(params, x)
-    text = str(jaxpr)
-    assert ("router_top_k" in text) == (impl != "xla")
-    assert ("router_logits" in text) == (impl != "xla" and tokens <= 16)
-    router_dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general" and e.invars[1].aval.shape == (64, 8)]
-    assert len(router_dots) == int(impl == "xla" or tokens > 16)
+    jaxpr = str(jax.make_jaxpr(lambda p, x: module.apply({"params": p}, x))(params, x))
+    assert ("router_top_k" in jaxpr) == (impl != "xla")
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16bit_router_logits_are_exact_float32_products(dtype):
+    """A 16-bit model's router dot takes its 16-bit operands with float32 accumulation (their
+    products are exact in float32) and gives the float32 logits of the same values."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((5, 64)), dtype)
+    router = jnp.asarray(rng.standard_normal((64, 8)) / 8, dtype)
+    jaxpr = jax.make_jaxpr(lambda x, w: route_tokens(x, w, 2, True))(x, router)
+    dot = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert [e.invars[0].aval.dtype for e in dot] == [dtype] and dot[0].params["preferred_element_type"] == jnp.float32
+    weights, experts = route_tokens(x, router, 2, True)
+    want = np.asarray(x, np.float64) @ np.asarray(router, np.float64)
+    want_w, want_e = route(jnp.asarray(want, jnp.float32), 2, True)
+    np.testing.assert_array_equal(np.asarray(experts), np.asarray(want_e))
+    np.testing.assert_allclose(np.asarray(weights), np.asarray(want_w), rtol=1e-6)
