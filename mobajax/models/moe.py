@@ -50,16 +50,19 @@ def route_tokens(
 
     Every product is exact in float32 and summed in float32: 16-bit x and router of one dtype
     multiply on the tensor cores with float32 accumulation (their products fit float32); other
-    dtypes as float32 at HIGHEST precision (no TF32 on the GPU). `dot_general` keeps one token a
-    GEMM.
+    dtypes as float32 at HIGHEST precision (no TF32 on the GPU). One token is a two-row GEMM (see
+    `dot_general`); the kernel impls route both rows' logits with `num_tokens=1` rather than copy
+    the first row out.
     """
     dims = (((1,), (0,)), ((), ()))
     if x.dtype == router.dtype and x.dtype in (jnp.bfloat16, jnp.float16):
-        logits = dot_general(x, router, dims, preferred_element_type=jnp.float32)
+        lhs, rhs, kw = x, router, {"preferred_element_type": jnp.float32}
     else:
-        logits = dot_general(x.astype(jnp.float32), router.astype(jnp.float32), dims,
-                             precision=jax.lax.Precision.HIGHEST)
-    return route(logits, top_k, normalize, impl)
+        lhs, rhs, kw = x.astype(jnp.float32), router.astype(jnp.float32), {"precision": jax.lax.Precision.HIGHEST}
+    if impl != "xla" and x.shape[0] == 1:
+        logits = jax.lax.dot_general(jnp.broadcast_to(lhs, (2, lhs.shape[1])), rhs, dims, **kw)
+        return router_top_k(logits, top_k, normalize, num_tokens=1)
+    return route(dot_general(lhs, rhs, dims, **kw), top_k, normalize, impl)
 
 
 def expert_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str) -> jax.Array:

@@ -40,7 +40,7 @@ def route_reference(logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax
 
 
 def _kernel(logits_ref, weights_ref, experts_ref, *, top_k: int, normalize: bool, rows: int, e_pad: int, k_pad: int):
-    m, e = logits_ref.shape
+    m, e = weights_ref.shape[0], logits_ref.shape[1]
     row = pl.program_id(0) * rows + jnp.arange(rows)
     live_row = row < m
     col = jnp.arange(e_pad)
@@ -73,14 +73,21 @@ def _kernel(logits_ref, weights_ref, experts_ref, *, top_k: int, normalize: bool
     plgpu.store(experts_ref.at[store], experts, mask=mask)
 
 
-@functools.partial(jax.jit, static_argnames=("top_k", "normalize", "interpret"))
+@functools.partial(jax.jit, static_argnames=("top_k", "normalize", "num_tokens", "interpret"))
 def router_top_k(
-    logits: jax.Array, top_k: int, normalize: bool, *, interpret: bool = False
+    logits: jax.Array, top_k: int, normalize: bool, *, num_tokens: int | None = None, interpret: bool = False
 ) -> tuple[jax.Array, jax.Array]:
-    """`route_reference` as one kernel: logits [M, E] -> (weights [M, k] float32, experts [M, k] int32)."""
+    """`route_reference` as one kernel: logits [M, E] -> (weights [M, k] float32, experts [M, k] int32).
+
+    num_tokens: route only the first num_tokens rows (the rest are padding, e.g. the second row of
+    a one-token GEMM, which a slice would have copied out); the outputs have num_tokens rows.
+    """
     if logits.ndim != 2 or not jnp.issubdtype(logits.dtype, jnp.floating):
         raise ValueError(f"logits must be a float [M, E] array, got {logits.dtype} {logits.shape}")
-    m, e = logits.shape
+    e = logits.shape[1]
+    m = logits.shape[0] if num_tokens is None else num_tokens
+    if not 0 <= m <= logits.shape[0]:
+        raise ValueError(f"num_tokens must be in 0..{logits.shape[0]} (the rows of logits), got {num_tokens}")
     if not 1 <= e <= MAX_EXPERTS:
         raise ValueError(f"the number of experts must be in 1..{MAX_EXPERTS}, got {e}")
     if not 1 <= top_k <= e:
@@ -95,7 +102,7 @@ def router_top_k(
     return pl.pallas_call(
         kernel,
         grid=(pl.cdiv(m, rows),),
-        in_specs=[whole((m, e))],
+        in_specs=[whole(logits.shape)],
         out_specs=[whole((m, top_k)), whole((m, top_k))],
         out_shape=[jax.ShapeDtypeStruct((m, top_k), jnp.float32), jax.ShapeDtypeStruct((m, top_k), jnp.int32)],
         # one warp while the tile is small: the k rounds of reductions stay within the warp (shuffles)

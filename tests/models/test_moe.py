@@ -273,6 +273,9 @@ def test_kernel_impls_route_with_one_kernel(impl):
     module = SparseMoE(MoEConfig(num_experts=8, top_k=2, intermediate_size=32, norm_topk_prob=True, impl=impl))
     jaxpr = str(jax.make_jaxpr(lambda p, x: module.apply({"params": p}, x))(params, x))
     assert ("router_top_k" in jaxpr) == (impl != "xla")
+    one = jax.make_jaxpr(lambda p, x: module.apply({"params": p}, x))(params, x[:, :1])
+    router = [e for e in one.eqns if e.primitive.name == "dot_general" and e.invars[1].aval.shape == (64, 8)]
+    assert [e.invars[0].aval.shape for e in router] == [(2, 64)]  # one token: a two-row GEMM
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])

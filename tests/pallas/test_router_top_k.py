@@ -36,6 +36,17 @@ def test_extreme_logits_and_ties_follow_the_reference():
     np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, rtol=1e-6)
 
 
+def test_num_tokens_routes_the_first_rows_only():
+    logits = jnp.asarray(np.random.default_rng(2).standard_normal((5, 32)), jnp.float32)
+    weights, experts = router_top_k(logits, 4, True, num_tokens=2, interpret=True)
+    want_w, want_e = route_reference(logits[:2], 4, True)
+    assert weights.shape == experts.shape == (2, 4)
+    np.testing.assert_array_equal(np.asarray(experts), np.asarray(want_e))
+    np.testing.assert_allclose(np.asarray(weights), np.asarray(want_w), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"num_tokens must be in 0..5 \(the rows of logits\), got 6"):
+        router_top_k(logits, 4, True, num_tokens=6)
+
+
 def test_bfloat16_logits_are_routed_in_float32():
     logits = jnp.asarray(np.random.default_rng(1).standard_normal((9, 16)), jnp.bfloat16)
     weights, experts = router_top_k(logits, 3, True, interpret=True)
