@@ -1,7 +1,6 @@
 """moe_decode: the per-assignment expert kernels in interpret mode against the reference and the
 grouped path (`run_experts` with ragged_dot), experts held elsewhere (ids outside 0..E-1),
-argument errors,
-Triton lowering, GPU runs."""
+argument errors, Triton lowering, GPU runs."""
 
 from __future__ import annotations
 
