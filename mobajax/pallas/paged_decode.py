@@ -13,10 +13,8 @@ Page-table entries at or past cdiv(lengths[b], G) are never read, so they may ho
 
 Kernel: one program per (sequence, kv head, split). The N // K query heads of a kv head are
 folded into the rows of one tile (GQA), so each K/V tile is read once for all of them. Split-K
-cuts a sequence's pages into `num_splits` ranges (long contexts at small batch) whose partial
-(out, lse) are merged exactly in the same kernel: the last split of a (sequence, kv head) to
-finish, found by an atomic arrival counter, merges them (a separate merge kernel cost 3.5 us per
-layer at batch 1 on an H100).
+cuts a sequence's pages into `num_splits` ranges whose partial (out, lse) are merged exactly
+by `merge_states_kernel` (long contexts at small batch).
 """
 
 from __future__ import annotations
@@ -32,6 +30,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from mobajax.pallas import online_softmax as osm
 from mobajax.pallas.attention_chunk import HEAD_DIMS
+from mobajax.pallas.merge_kernel import merge_states_kernel
 
 PAGE_SIZES = (8, 16, 32, 64, 128)
 # Programs to aim for when choosing num_splits automatically (about 8 per SM of an H100; the
@@ -65,13 +64,14 @@ def paged_decode_kernel(
     q_ref,  # [N, H], this sequence's query heads
     k_pages_ref,  # [P, G, H], this kv head
     v_pages_ref,  # [P, G, H], this kv head
-    *refs,  # splits == 1: out [N, H], lse [N]; else see `_merge_in_kernel`
+    o_ref,  # [N, H]
+    lse_ref,  # [N] float32
+    *,
     scale: float,
     pages_per_block: int,
     num_splits: int,
     group: int,
     rows: int,
-    interpret: bool,
 ):
     """One (sequence, kv head, split): the kv head's `group` query heads, read and written as
     `rows` (a power of two >= 16, what the dot needs) with the rows past the group masked, so
@@ -88,8 +88,7 @@ def paged_decode_kernel(
     last = jnp.minimum(first + per_split, num_blocks)
     heads = kv_head * group + jnp.arange(rows)
     in_group = jnp.arange(rows) < group
-    cols = jnp.arange(head_dim)[None, :]
-    tile = (heads[:, None], cols)  # [rows, H] indices (masked loads need arrays)
+    tile = (heads[:, None], jnp.arange(head_dim)[None, :])  # [rows, H] indices (masked loads need arrays)
     q = plgpu.load(q_ref.at[tile], mask=in_group[:, None], other=0)
 
     def body(i, state):
@@ -106,63 +105,8 @@ def paged_decode_kernel(
 
     state = lax.fori_loop(first, last, body, osm.init_state(rows, head_dim))
     out, lse = osm.finalize(state)
-    if num_splits == 1:
-        o_ref, lse_ref = refs
-        plgpu.store(o_ref.at[tile], out.astype(o_ref.dtype), mask=in_group[:, None])
-        plgpu.store(lse_ref.at[heads], lse, mask=in_group)
-        return
-    _merge_in_kernel(*refs, out=out, lse=lse, heads=heads, in_group=in_group, interpret=interpret)
-
-
-def _merge_in_kernel(
-    count_in_ref,  # [B * K] int32 zeros, aliased to count_ref
-    part_ref,  # [S, B, N, H] float32 (out): every split's normalised partial output
-    part_lse_ref,  # [S, B, N] float32 (out)
-    o_ref,  # [B, N, H] (out): the merged output
-    lse_ref,  # [B, N] float32 (out)
-    count_ref,  # [B * K] int32 (out): splits of (sequence, kv head) done
-    *,
-    out,
-    lse,
-    heads,
-    in_group,
-    interpret: bool,
-):
-    """Split-K in one kernel: each split stores its partial state and counts itself in; the last
-    split of a (sequence, kv head) to arrive merges all of them (as `merge_states_kernel` does:
-    a split with lse -inf contributes nothing; all -inf gives out 0, lse -inf)."""
-    del count_in_ref
-    b, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    num_splits, num_kv_heads = part_ref.shape[0], pl.num_programs(1)
-    cols = jnp.arange(out.shape[1])[None, :]
-    mask = in_group[:, None]
-    plgpu.store(part_ref.at[split, b, heads[:, None], cols], out, mask=mask)
-    plgpu.store(part_lse_ref.at[split, b, heads], lse, mask=in_group)
-    if not interpret:  # every thread's partial stored before the (release) arrival below
-        plgpu.debug_barrier()
-    arrived = plgpu.atomic_add(count_ref, b * num_kv_heads + kv_head, jnp.array(1, jnp.int32))
-
-    @pl.when(arrived == num_splits - 1)  # acquire: the other splits' stores are visible
-    def _():
-        def merge(s, state):
-            m, denom, acc = state
-            part_lse = plgpu.load(part_lse_ref.at[s, b, heads], mask=in_group, other=-jnp.inf, volatile=True)
-            part = plgpu.load(part_ref.at[s, b, heads[:, None], cols], mask=mask, other=0.0, volatile=True)
-            m_new = jnp.maximum(m, part_lse)
-            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            w = jnp.exp(part_lse - m_safe)  # 0 for empty splits
-            part = jnp.where(w[:, None] > 0, part, 0.0)
-            alpha = jnp.exp(m - m_safe)  # 0 while m is -inf
-            return m_new, denom * alpha + w, acc * alpha[:, None] + w[:, None] * part
-
-        rows = heads.shape[0]
-        init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32), jnp.zeros_like(out))
-        m, denom, acc = lax.fori_loop(0, num_splits, merge, init)
-        empty = denom == 0
-        merged = acc / jnp.where(empty, 1.0, denom)[:, None]
-        plgpu.store(o_ref.at[b, heads[:, None], cols], merged.astype(o_ref.dtype), mask=mask)
-        plgpu.store(lse_ref.at[b, heads], jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, denom))),
-                    mask=in_group)
+    plgpu.store(o_ref.at[tile], out.astype(o_ref.dtype), mask=in_group[:, None])
+    plgpu.store(lse_ref.at[heads], lse, mask=in_group)
 
 
 def check_pool(q, k_pages, v_pages, q_shape: str) -> None:
@@ -238,48 +182,42 @@ def paged_decode(
     ppb = max(1, kv_tile(config.block_kv, h, q.dtype) // g)
     max_blocks = -(-page_table.shape[1] // ppb)
     splits = config.num_splits or auto_num_splits(b, kv_heads, max_blocks)
+    part_dtype = q.dtype if splits == 1 else jnp.float32
 
     kernel = functools.partial(
-        paged_decode_kernel, scale=scale, pages_per_block=ppb, num_splits=splits, group=gq, rows=rows,
-        interpret=interpret,
+        paged_decode_kernel, scale=scale, pages_per_block=ppb, num_splits=splits, group=gq, rows=rows
     )
     pool_spec = pl.BlockSpec((k_pages.shape[0], g, None, h), lambda bi, ki, si: (0, 0, ki, 0))
-    whole = lambda shape: pl.BlockSpec(shape, lambda bi, ki, si: (0,) * len(shape))  # noqa: E731
-    in_specs = [
-        pl.BlockSpec((b,), lambda bi, ki, si: (0,)),
-        pl.BlockSpec((None, page_table.shape[1]), lambda bi, ki, si: (bi, 0)),
-        pl.BlockSpec((None, n, h), lambda bi, ki, si: (bi, 0, 0)),
-        pool_spec,
-        pool_spec,
-    ]
-    args = [lengths, page_table, q, k_pages, v_pages]
-    if splits == 1:  # every kv head's program writes its own rows of the sequence's block
-        out_specs = [pl.BlockSpec((None, n, h), lambda bi, ki, si: (bi, 0, 0)),
-                     pl.BlockSpec((None, n), lambda bi, ki, si: (bi, 0))]
-        out_shape = [jax.ShapeDtypeStruct((b, n, h), q.dtype), jax.ShapeDtypeStruct((b, n), jnp.float32)]
-        aliases = {}
-    else:  # partials, merged output and the arrival counters (`_merge_in_kernel`)
-        shapes = [((splits, b, n, h), jnp.float32), ((splits, b, n), jnp.float32), ((b, n, h), q.dtype),
-                  ((b, n), jnp.float32), ((b * kv_heads,), jnp.int32)]
-        in_specs.append(whole((b * kv_heads,)))
-        args.append(jnp.zeros((b * kv_heads,), jnp.int32))
-        out_specs = [whole(shape) for shape, _ in shapes]
-        out_shape = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
-        aliases = {5: 4}
-    outs = pl.pallas_call(
+    out, lse = pl.pallas_call(
         kernel,
         grid=(b, kv_heads, splits),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        input_output_aliases=aliases,
+        in_specs=[
+            pl.BlockSpec((b,), lambda bi, ki, si: (0,)),
+            pl.BlockSpec((None, page_table.shape[1]), lambda bi, ki, si: (bi, 0)),
+            pl.BlockSpec((None, n, h), lambda bi, ki, si: (bi, 0, 0)),
+            pool_spec,
+            pool_spec,
+        ],
+        out_specs=[  # every kv head's program writes its own rows of the sequence's block
+            pl.BlockSpec((None, None, n, h), lambda bi, ki, si: (si, bi, 0, 0)),
+            pl.BlockSpec((None, None, n), lambda bi, ki, si: (si, bi, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((splits, b, n, h), part_dtype),
+            jax.ShapeDtypeStruct((splits, b, n), jnp.float32),
+        ],
         compiler_params=plgpu.CompilerParams(
             num_warps=config.num_warps, num_stages=config.num_stages
         ),
         interpret=interpret,
         name="paged_decode",
-    )(*args)
-    out, lse = outs if splits == 1 else outs[2:4]
+    )(lengths, page_table, q, k_pages, v_pages)
+    if splits == 1:
+        out, lse = out[0].astype(q.dtype), lse[0]
+    else:
+        out, lse = merge_states_kernel(out.reshape(splits, b * n, h), lse.reshape(splits, b * n),
+                                       out_dtype=q.dtype, interpret=interpret)
+        out, lse = out.reshape(b, n, h), lse.reshape(b, n)
     return (out, lse) if return_lse else out
 
 
