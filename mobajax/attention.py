@@ -239,12 +239,14 @@ def paged_attention_xla(
 
 
 def _attend_paged(q, k, v, positions, cache: PagedKVCache, spec: AttentionSpec, scale: float):
-    """Flat batch: q [1, T, N, H], k/v [1, T, K, H], positions [1, T]."""
+    """Flat batch: q [1, T, N, H], k/v [1, T, K, H] (None: already in the pool), positions [1, T]."""
     meta = cache.meta
-    row = k.shape[2] * k.shape[3]
-    pallas_write = spec.impl == "pallas" and row & (row - 1) == 0  # the kernel needs K * H = 2^n
-    write = kv_write if pallas_write else kv_write_reference
-    k_pages, v_pages = write(cache.k_pages, cache.v_pages, k[0], v[0], meta.slots)
+    k_pages, v_pages = cache.k_pages, cache.v_pages
+    if k is not None:
+        row = k.shape[2] * k.shape[3]
+        pallas_write = spec.impl == "pallas" and row & (row - 1) == 0  # the kernel needs K * H = 2^n
+        write = kv_write if pallas_write else kv_write_reference
+        k_pages, v_pages = write(k_pages, v_pages, k[0], v[0], meta.slots)
     k_sums = cache.k_sums
     if k_sums is not None:
         k_sums = update_page_key_sums(k_sums, k_pages, meta.slots)
@@ -276,7 +278,8 @@ def attend(
     With `cache=None` the T tokens attend among themselves (full-sequence forward). With a cache,
     the new k/v are written first and the queries attend to every cached position <= their own.
     With a `PagedKVCache`, B == 1 and the T tokens are a flat ragged batch of many sequences
-    described by the cache's metadata. Returns (out [B, T, N, H], updated cache or None).
+    described by the cache's metadata; k and v may be None when the caller already wrote them
+    to the pool (`mobajax.pallas.rope_kv_write`). Returns (out [B, T, N, H], updated cache or None).
     """
     if isinstance(cache, PagedKVCache):
         return _attend_paged(q, k, v, positions, cache, spec, scale)

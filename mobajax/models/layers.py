@@ -13,20 +13,27 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mobajax.attention import AttentionSpec, KVCache, attend
+from mobajax.attention import AttentionSpec, KVCache, PagedKVCache, attend
 from mobajax.models.config import RopeConfig
 from mobajax.models.rope import apply_rope, inverse_frequencies
+from mobajax.pallas.rope_kv_write import fits as rope_kv_write_fits
+from mobajax.pallas.rope_kv_write import rope_kv_write
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * scale over the last axis, in float32, cast back to x's dtype."""
+    """x / rms(x) * scale over the last axis, in float32, cast back to x's dtype.
+
+    scale_only: return the scale [D] itself, for a kernel that applies the norm (`rope_kv_write`).
+    """
 
     eps: float
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, scale_only: bool = False) -> jax.Array:
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        if scale_only:
+            return scale
         xf = x.astype(jnp.float32)
         normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return scale * normed.astype(x.dtype)
@@ -96,12 +103,25 @@ class Attention(nn.Module):
         q = dense(n * h, "q_proj", self.qkv_bias, self.dtype)(x).reshape(b, t, n, h)
         key = dense(k * h, "k_proj", self.qkv_bias, self.dtype)(x).reshape(b, t, k, h)
         value = dense(k * h, "v_proj", self.qkv_bias, self.dtype)(x).reshape(b, t, k, h)
-        if self.qk_norm:
-            q = RMSNorm(self.norm_eps, self.dtype, name="q_norm")(q)
-            key = RMSNorm(self.norm_eps, self.dtype, name="k_norm")(key)
         inv_freq, rope_factor = inverse_frequencies(self.rope, h)
-        q = apply_rope(q, positions, inv_freq, rope_factor)
-        key = apply_rope(key, positions, inv_freq, rope_factor)
-        out, cache = attend(q, key, value, positions, cache, self.spec, scale=h**-0.5)
+        if isinstance(cache, PagedKVCache) and self.spec.impl == "pallas" and rope_kv_write_fits(n, k, h):
+            # q/k norms, rope and the pool write in one kernel; attention then reads the pool
+            scales = {}
+            if self.qk_norm:
+                scales = {name: RMSNorm(self.norm_eps, self.dtype, name=name[0] + "_norm")(y, scale_only=True)
+                          for name, y in (("q_scale", q), ("k_scale", key))}
+            q0, k_pages, v_pages = rope_kv_write(
+                q[0], key[0], value[0], positions[0], cache.meta.slots, cache.k_pages, cache.v_pages, inv_freq,
+                attention_factor=rope_factor, eps=self.norm_eps, **scales,
+            )  # fmt: skip
+            cache = cache._replace(k_pages=k_pages, v_pages=v_pages)
+            out, cache = attend(q0[None], None, None, positions, cache, self.spec, scale=h**-0.5)
+        else:
+            if self.qk_norm:
+                q = RMSNorm(self.norm_eps, self.dtype, name="q_norm")(q)
+                key = RMSNorm(self.norm_eps, self.dtype, name="k_norm")(key)
+            q = apply_rope(q, positions, inv_freq, rope_factor)
+            key = apply_rope(key, positions, inv_freq, rope_factor)
+            out, cache = attend(q, key, value, positions, cache, self.spec, scale=h**-0.5)
         out = dense(d, "o_proj", self.o_bias, self.dtype)(out.reshape(b, t, n * h))
         return out, cache

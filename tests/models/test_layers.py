@@ -1,12 +1,22 @@
-"""models.layers.dot_general: a one-token input runs as a two-row dot (XLA on the GPU turns
-one-row dots of small matrices into slow multiply + reduce fusions) with unchanged results."""
+"""models.layers: a one-token input runs as a two-row dot (XLA on the GPU turns one-row dots of
+small matrices into slow multiply + reduce fusions) with unchanged results; Attention over a page
+pool with the Pallas impl (q/k norm, rope and the pool write in `rope_kv_write`) equals the XLA
+path."""
+
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mobajax.models.layers import dense
+import mobajax.attention
+from mobajax.attention import AttentionSpec, PagedKVCache
+from mobajax.models import layers
+from mobajax.models.config import RopeConfig
+from mobajax.models.layers import Attention, dense
+from tests.test_attention import build_paged_batch
 
 
 def _dot_lhs_rows(fn, *args) -> list[tuple[int, ...]]:
@@ -24,3 +34,35 @@ def test_one_token_runs_as_two_rows_with_the_same_result(shape, rows):
     want = x @ params["params"]["kernel"] + params["params"]["bias"]
     assert out.shape == (*shape[:-1], 32)
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+@pytest.mark.parametrize("decode", [True, False])
+def test_paged_pallas_attention_equals_xla(monkeypatch, qk_norm, decode):
+    """The Pallas impl (kernels in interpret mode) normalises, rotates and writes k/v in one
+    `rope_kv_write` and attends like the XLA path, which runs the steps as XLA ops + a scatter."""
+    monkeypatch.setattr(layers, "rope_kv_write", functools.partial(layers.rope_kv_write, interpret=True))
+    for name in ("paged_prefill", "paged_decode"):
+        monkeypatch.setattr(mobajax.attention, name, functools.partial(getattr(mobajax.attention, name), interpret=True))
+    rng = np.random.default_rng(5)
+    n, kh, h, page_size = 8, 2, 32, 16
+    lens_cached, lens_new = ([5, 40, 17], [1, 1, 1]) if decode else ([0, 21], [9, 3])
+    k_pages, v_pages, meta, positions = build_paged_batch(rng, lens_cached, lens_new, page_size, 12, kh, h)
+    meta = dataclasses.replace(meta, decode=decode)
+    x = jnp.asarray(rng.standard_normal((1, len(positions), 64)), jnp.float32)
+    pos = jnp.asarray(positions, jnp.int32)[None]
+    outs, jaxprs = {}, {}
+    for impl in ("xla", "pallas"):
+        module = Attention(n, kh, h, AttentionSpec(impl=impl), RopeConfig(theta=10000.0), qk_norm=qk_norm)
+        cache = PagedKVCache(jnp.asarray(k_pages), jnp.asarray(v_pages), meta)
+        params = module.init(jax.random.key(0), x, pos, None)
+        if qk_norm:  # scales away from 1, so a missing norm scale would show
+            params = jax.tree.map(lambda p: p * 1.5 if p.ndim == 1 else p, params)
+        outs[impl] = module.apply(params, x, pos, cache)
+        jaxprs[impl] = str(jax.make_jaxpr(lambda p, x, c: module.apply(p, x, pos, c))(params, x, cache))
+    np.testing.assert_allclose(np.asarray(outs["pallas"][0]), np.asarray(outs["xla"][0]), atol=2e-5, rtol=2e-5)
+    for pool in ("k_pages", "v_pages"):
+        np.testing.assert_allclose(np.asarray(getattr(outs["pallas"][1], pool)),
+                                   np.asarray(getattr(outs["xla"][1], pool)), atol=2e-5, rtol=2e-5)
+    assert "rope_kv_write" in jaxprs["pallas"] and "kv_write" not in jaxprs["pallas"].replace("rope_kv_write", "")
+    assert "rope_kv_write" not in jaxprs["xla"]
