@@ -110,8 +110,9 @@ class Attention(nn.Module):
             if self.qk_norm:
                 scales = {name: RMSNorm(self.norm_eps, self.dtype, name=name[0] + "_norm")(y, scale_only=True)
                           for name, y in (("q_scale", q), ("k_scale", key))}
+            qkv = jnp.concatenate([q[0], key[0], value[0]], axis=1)  # one fusion, where three operands were three slices
             q0, k_pages, v_pages = rope_kv_write(
-                q[0], key[0], value[0], positions[0], cache.meta.slots, cache.k_pages, cache.v_pages, inv_freq,
+                qkv, positions[0], cache.meta.slots, cache.k_pages, cache.v_pages, inv_freq, num_heads=n,
                 attention_factor=rope_factor, eps=self.norm_eps, **scales,
             )  # fmt: skip
             cache = cache._replace(k_pages=k_pages, v_pages=v_pages)

@@ -41,7 +41,7 @@ def _reference(q, k, v, positions, slots, k_pages, v_pages, inv_freq, scales, fa
 
 
 @pytest.mark.parametrize("t,n,kh,h,dtype,qk_norm,factor", [
-    (1, 32, 4, 128, jnp.bfloat16, True, 1.0),
+    (1, 32, 4, 128, jnp.bfloat16, True, 1.0),  # 4 query-head programs + 1 for k and v
     (5, 8, 2, 64, jnp.float32, True, 1.0),
     (3, 4, 4, 32, jnp.float32, False, 1.2),
     (6, 16, 8, 64, jnp.bfloat16, False, 1.0),
@@ -49,8 +49,8 @@ def _reference(q, k, v, positions, slots, k_pages, v_pages, inv_freq, scales, fa
 def test_matches_the_model_steps(t, n, kh, h, dtype, qk_norm, factor):
     args = _inputs(t * n + h, t, n, kh, h, dtype, qk_norm)
     q, k, v, positions, slots, k_pages, v_pages, inv_freq, (qs, ks) = args
-    got = rope_kv_write(q, k, v, positions, slots, k_pages, v_pages, inv_freq, attention_factor=factor,
-                        q_scale=qs, k_scale=ks, eps=1e-6, interpret=True)
+    got = rope_kv_write(jnp.concatenate([q, k, v], axis=1), positions, slots, k_pages, v_pages, inv_freq,
+                        num_heads=n, attention_factor=factor, q_scale=qs, k_scale=ks, eps=1e-6, interpret=True)
     want = _reference(*args, factor, 1e-6)
     for name, a, b in zip(("q", "k_pages", "v_pages"), got, want):
         assert a.shape == b.shape and a.dtype == b.dtype, name
@@ -63,23 +63,27 @@ def test_matches_the_model_steps(t, n, kh, h, dtype, qk_norm, factor):
 
 def test_bad_arguments_are_named():
     q, k, v, positions, slots, k_pages, v_pages, inv_freq, (qs, ks) = _inputs(0, 2, 8, 2, 64, jnp.float32, True)
-    call = lambda **kw: rope_kv_write(**{**dict(q=q, k=k, v=v, positions=positions, slots=slots,  # noqa: E731
-                                              k_pages=k_pages, v_pages=v_pages, inv_freq=inv_freq), **kw})
+    qkv = jnp.concatenate([q, k, v], axis=1)
+    call = lambda **kw: rope_kv_write(**{**dict(qkv=qkv, positions=positions, slots=slots, k_pages=k_pages,  # noqa: E731
+                                              v_pages=v_pages, inv_freq=inv_freq, num_heads=8), **kw})
+    with pytest.raises(ValueError, match=r"qkv must be \[T, N \+ 2K = 12, H = 64\] \(N=8 query heads, K=2"):
+        call(qkv=qkv[:, :10])
     with pytest.raises(ValueError, match=r"N=6, K=2, H=64: must be powers of two"):
-        call(q=jnp.zeros((2, 6, 64)))
+        call(qkv=qkv[:, :10], num_heads=6)
     with pytest.raises(ValueError, match=r"slots must be int32 \[T=2\]"):
         call(slots=jnp.zeros((3,), jnp.int32))
     with pytest.raises(ValueError, match=r"give both q_scale and k_scale"):
         call(q_scale=qs)
     with pytest.raises(ValueError, match=r"inv_freq must be \[H/2=32\]"):
         call(inv_freq=inv_freq[:8])
-    with pytest.raises(ValueError, match=r"k_pages and v_pages must both be \[P, G, K=2, H=64\]"):
-        call(k_pages=k_pages[:, :, :1])
+    with pytest.raises(ValueError, match=r"k_pages and v_pages must both be \[P, G, K, H\]"):
+        call(k_pages=k_pages[0])
 
 
 def test_lowers_to_triton(lower_for_gpu):
     q, k, v, positions, slots, k_pages, v_pages, inv_freq, (qs, ks) = _inputs(1, 1, 32, 4, 128, jnp.bfloat16, True)
-    text = lower_for_gpu(rope_kv_write, q, k, v, positions, slots, k_pages, v_pages, inv_freq, q_scale=qs, k_scale=ks)
+    text = lower_for_gpu(rope_kv_write, jnp.concatenate([q, k, v], axis=1), positions, slots, k_pages, v_pages,
+                         inv_freq, num_heads=32, q_scale=qs, k_scale=ks)
     assert "rope_kv_write" in text
 
 
@@ -88,7 +92,8 @@ def test_lowers_to_triton(lower_for_gpu):
 def test_gpu_matches_the_model_steps(qk_norm):
     args = _inputs(3, 7, 32, 8, 128, jnp.bfloat16, qk_norm, pages=64, g=16)
     q, k, v, positions, slots, k_pages, v_pages, inv_freq, (qs, ks) = args
-    got = rope_kv_write(q, k, v, positions, slots, k_pages, v_pages, inv_freq, q_scale=qs, k_scale=ks)
+    got = rope_kv_write(jnp.concatenate([q, k, v], axis=1), positions, slots, k_pages, v_pages, inv_freq,
+                        num_heads=32, q_scale=qs, k_scale=ks)
     want = _reference(*args, 1.0, 1e-6)
     for name, a, b in zip(("q", "k_pages", "v_pages"), got, want):
         assert_close(a, b, jnp.bfloat16, name)
