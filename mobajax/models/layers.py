@@ -100,17 +100,19 @@ class Attention(nn.Module):
     ) -> tuple[jax.Array, KVCache | None]:
         b, t, d = x.shape
         n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
-        q = dense(n * h, "q_proj", self.qkv_bias, self.dtype)(x).reshape(b, t, n, h)
-        key = dense(k * h, "k_proj", self.qkv_bias, self.dtype)(x).reshape(b, t, k, h)
-        value = dense(k * h, "v_proj", self.qkv_bias, self.dtype)(x).reshape(b, t, k, h)
         inv_freq, rope_factor = inverse_frequencies(self.rope, h)
+        projections = [dense(f * h, name, self.qkv_bias, self.dtype) for f, name in
+                       ((n, "q_proj"), (k, "k_proj"), (k, "v_proj"))]  # fmt: skip
         if isinstance(cache, PagedKVCache) and self.spec.impl == "pallas" and rope_kv_write_fits(n, k, h):
-            # q/k norms, rope and the pool write in one kernel; attention then reads the pool
+            # q/k norms, rope and the pool write in one kernel, which reads the three projections
+            # as one [T, N + 2K, H] array: the output of XLA's merged q/k/v GEMM itself. One token
+            # runs as two rows (see `dot_general`), whose second row the kernel skips.
+            rows = jnp.broadcast_to(x, (b, 2, d)) if b * t == 1 else x
+            qkv = jnp.concatenate([proj(rows)[0] for proj in projections], axis=-1).reshape(-1, n + 2 * k, h)
             scales = {}
             if self.qk_norm:
-                scales = {name: RMSNorm(self.norm_eps, self.dtype, name=name[0] + "_norm")(y, scale_only=True)
-                          for name, y in (("q_scale", q), ("k_scale", key))}
-            qkv = jnp.concatenate([q[0], key[0], value[0]], axis=1)  # one fusion, where three operands were three slices
+                scales = {name: RMSNorm(self.norm_eps, self.dtype, name=name[0] + "_norm")(qkv[:1, :1], scale_only=True)
+                          for name in ("q_scale", "k_scale")}  # fmt: skip
             q0, k_pages, v_pages = rope_kv_write(
                 qkv, positions[0], cache.meta.slots, cache.k_pages, cache.v_pages, inv_freq, num_heads=n,
                 attention_factor=rope_factor, eps=self.norm_eps, **scales,
@@ -118,6 +120,7 @@ class Attention(nn.Module):
             cache = cache._replace(k_pages=k_pages, v_pages=v_pages)
             out, cache = attend(q0[None], None, None, positions, cache, self.spec, scale=h**-0.5)
         else:
+            q, key, value = (proj(x).reshape(b, t, -1, h) for proj in projections)
             if self.qk_norm:
                 q = RMSNorm(self.norm_eps, self.dtype, name="q_norm")(q)
                 key = RMSNorm(self.norm_eps, self.dtype, name="k_norm")(key)

@@ -4,8 +4,9 @@ write of k and v into the page pool, in place (Pallas Triton).
 XLA runs these steps as about six kernels per layer (the two per-head norm reductions, a rope
 fusion each for q and k, a slice of v, `kv_write`): 7.4 us per layer at one decode token of the
 Qwen3-30B-A3B-shaped model on an H100 (docs/benchmarks.md), for a few KB of data. The kernel reads
-the token's q, k and v heads from one [T, N + 2K, H] array (the caller concatenates the three
-projections, one XLA fusion; three separate operands would each be a slice kernel). Programs per
+the token's q, k and v heads from one [T, N + 2K, H] array: the concatenated projections, which
+XLA computes as one merged GEMM whose output is that array (three separate operands would each
+be a slice kernel). Programs per
 token: N / HEADS_PER_PROGRAM for the query heads, one for k and v, so a single token still runs
 on several SMs. Heads are loaded as two halves of the head dim, normalised and rotated in float32.
 
@@ -14,7 +15,7 @@ float32, cast to x's dtype, times the scale), then `mobajax.models.rope.apply_ro
 in float32, cast back); the pool write is `kv_write`'s (a negative slot is padding, not written).
 The pools are aliased to the outputs, so under donation only the new rows are written.
 
-Shapes: qkv [T, N + 2K, H] (q heads, then k, then v), positions [T] int32, slots [T] int32,
+Shapes: qkv [T' >= T, N + 2K, H] (q heads, then k, then v), positions [T] int32, slots [T] int32,
 k_pages, v_pages [P, G, K, H], scales [H] -> (q rotated [T, N, H] in qkv's dtype, k_pages,
 v_pages). N, K and H powers of two (`fits`).
 """
@@ -86,12 +87,12 @@ def _check(qkv, num_heads, positions, slots, k_pages, v_pages, q_scale, k_scale)
     if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
         raise ValueError(f"k_pages and v_pages must both be [P, G, K, H], got {k_pages.shape}, {v_pages.shape}")
     kv_heads, h = k_pages.shape[2:]
-    if qkv.ndim != 3 or qkv.shape[1:] != (num_heads + 2 * kv_heads, h):
-        raise ValueError(f"qkv must be [T, N + 2K = {num_heads + 2 * kv_heads}, H = {h}] (N={num_heads} "
+    t = positions.shape[0] if positions.ndim == 1 else -1
+    if qkv.ndim != 3 or qkv.shape[1:] != (num_heads + 2 * kv_heads, h) or qkv.shape[0] < t:
+        raise ValueError(f"qkv must be [T' >= T = {t}, N + 2K = {num_heads + 2 * kv_heads}, H = {h}] (N={num_heads} "
                          f"query heads, K={kv_heads} kv heads of the pool), got {qkv.shape}")
     if not fits(num_heads, kv_heads, h):
         raise ValueError(f"N={num_heads}, K={kv_heads}, H={h}: must be powers of two with H >= 32 for rope_kv_write")
-    t = qkv.shape[0]
     for name, x in (("positions", positions), ("slots", slots)):
         if x.shape != (t,) or x.dtype != jnp.int32:
             raise ValueError(f"{name} must be int32 [T={t}], got {x.dtype}{x.shape}")
@@ -118,11 +119,12 @@ def rope_kv_write(
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The q heads (the first num_heads of qkv) and k heads (the next K) normalised, if q_scale /
-    k_scale [H] are given, and rotated at `positions`; k and v (the last K heads) stored at
-    `slots` of the pools -> (q [T, N, H], k_pages, v_pages). inv_freq [H/2]: the rope's inverse
+    k_scale [H] are given, and rotated at `positions` [T]; k and v (the last K heads) stored at
+    `slots` [T] of the pools -> (q [T, N, H], k_pages, v_pages). qkv may have rows past T (a
+    one-token GEMM's second row): they are not read. inv_freq [H/2]: the rope's inverse
     frequencies (`mobajax.models.rope.inverse_frequencies`)."""
     _check(qkv, num_heads, positions, slots, k_pages, v_pages, q_scale, k_scale)
-    t, _, h = qkv.shape
+    t, h = positions.shape[0], qkv.shape[2]
     num_pages, g, kv_heads, _ = k_pages.shape
     inv_freq = jnp.asarray(inv_freq, jnp.float32)
     if inv_freq.shape != (h // 2,):

@@ -37,8 +37,12 @@ def test_one_token_runs_as_two_rows_with_the_same_result(shape, rows):
 
 
 @pytest.mark.parametrize("qk_norm", [True, False])
-@pytest.mark.parametrize("decode", [True, False])
-def test_paged_pallas_attention_equals_xla(monkeypatch, qk_norm, decode):
+@pytest.mark.parametrize("decode,lens_cached,lens_new", [
+    (True, [5, 40, 17], [1, 1, 1]),
+    (True, [40], [1]),  # one token: the q/k/v GEMM runs as two rows, the kernel reads the first
+    (False, [0, 21], [9, 3]),
+])
+def test_paged_pallas_attention_equals_xla(monkeypatch, qk_norm, decode, lens_cached, lens_new):
     """The Pallas impl (kernels in interpret mode) normalises, rotates and writes k/v in one
     `rope_kv_write` and attends like the XLA path, which runs the steps as XLA ops + a scatter."""
     monkeypatch.setattr(layers, "rope_kv_write", functools.partial(layers.rope_kv_write, interpret=True))
@@ -46,7 +50,6 @@ def test_paged_pallas_attention_equals_xla(monkeypatch, qk_norm, decode):
         monkeypatch.setattr(mobajax.attention, name, functools.partial(getattr(mobajax.attention, name), interpret=True))
     rng = np.random.default_rng(5)
     n, kh, h, page_size = 8, 2, 32, 16
-    lens_cached, lens_new = ([5, 40, 17], [1, 1, 1]) if decode else ([0, 21], [9, 3])
     k_pages, v_pages, meta, positions = build_paged_batch(rng, lens_cached, lens_new, page_size, 12, kh, h)
     meta = dataclasses.replace(meta, decode=decode)
     x = jnp.asarray(rng.standard_normal((1, len(positions), 64)), jnp.float32)

@@ -61,13 +61,28 @@ def test_matches_the_model_steps(t, n, kh, h, dtype, qk_norm, factor):
     np.testing.assert_array_equal(flat(got[2]), flat(v_pages))
 
 
+def test_rows_past_the_tokens_are_not_read():
+    """A one-token GEMM's second row (here NaN) is neither written to the pool nor returned."""
+    q, k, v, positions, slots, k_pages, v_pages, inv_freq, (qs, ks) = _inputs(2, 1, 8, 2, 64, jnp.float32, True)
+    qkv = jnp.concatenate([q, k, v], axis=1)
+    two = jnp.concatenate([qkv, jnp.full_like(qkv, jnp.nan)])
+    slots = jnp.maximum(slots, 0)
+    one = rope_kv_write(qkv, positions, slots, k_pages, v_pages, inv_freq, num_heads=8, q_scale=qs, k_scale=ks, interpret=True)
+    got = rope_kv_write(two, positions, slots, k_pages, v_pages, inv_freq, num_heads=8, q_scale=qs, k_scale=ks, interpret=True)
+    assert got[0].shape == (1, 8, 64)
+    for a, b in zip(got, one):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_bad_arguments_are_named():
     q, k, v, positions, slots, k_pages, v_pages, inv_freq, (qs, ks) = _inputs(0, 2, 8, 2, 64, jnp.float32, True)
     qkv = jnp.concatenate([q, k, v], axis=1)
     call = lambda **kw: rope_kv_write(**{**dict(qkv=qkv, positions=positions, slots=slots, k_pages=k_pages,  # noqa: E731
                                               v_pages=v_pages, inv_freq=inv_freq, num_heads=8), **kw})
-    with pytest.raises(ValueError, match=r"qkv must be \[T, N \+ 2K = 12, H = 64\] \(N=8 query heads, K=2"):
+    with pytest.raises(ValueError, match=r"qkv must be \[T' >= T = 2, N \+ 2K = 12, H = 64\] \(N=8 query heads, K=2"):
         call(qkv=qkv[:, :10])
+    with pytest.raises(ValueError, match=r"qkv must be \[T' >= T = 2"):
+        call(qkv=qkv[:1])
     with pytest.raises(ValueError, match=r"N=6, K=2, H=64: must be powers of two"):
         call(qkv=qkv[:, :10], num_heads=6)
     with pytest.raises(ValueError, match=r"slots must be int32 \[T=2\]"):
