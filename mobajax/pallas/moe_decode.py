@@ -5,10 +5,10 @@ assignment reads its own expert's weights anyway, so the experts run per assignm
 1. `gate_up`: program (assignment p, F tile j, D split s) computes x[t, rows] @ gate[e][rows,
    tile] and the same with up over its split's D rows into float32 partials g, u [P, S, F], for
    t = p // top_k and e = experts[p]. Splitting D gives enough programs for one token;
-2. `down`: program (assignment p, D tile j, F split s) forms h[p, rows] = silu(sum_s g) *
-   sum_s u, rounded to x's dtype, as it loads the partials, and writes y[p, s, tile] =
-   weights[p] * h[p, rows] @ down[e][rows, tile] (float32); the sum over splits and over a
-   token's assignments is a reduction XLA fuses into what follows.
+2. h = silu(sum_s g) * sum_s u, rounded to x's dtype (one small XLA fusion) [P, F];
+3. `down`: program (assignment p, D tile j, F split s) writes y[p, s, tile] = weights[p] *
+   h[p, rows] @ down[e][rows, tile] (float32); the sum over splits and over a token's
+   assignments is a reduction XLA fuses into what follows.
 The one-row products run on the tensor cores as [16, chunk] x [chunk, block] dots whose rows
 past the first are zero: Triton pipelines the weight tiles of a dot through shared memory, which
 keeps enough loads in flight to stream the weights (elementwise multiply-sum loops measured
@@ -116,20 +116,18 @@ def gate_up_kernel(experts_ref, x_ref, gate_ref, up_ref, g_ref, u_ref, *, top_k:
     u_ref[p, s, :] = u
 
 
-def down_kernel(experts_ref, weights_ref, g_ref, u_ref, down_ref, y_ref, *, chunk: int, h_dtype):
-    """experts_ref, weights_ref [P]; g_ref, u_ref [P, S', F] float32 `gate_up` partials, giving
-    h = silu(sum g) * sum u rounded to h_dtype; down_ref [E, F, block_d]; y_ref [P, S, block_d]
-    float32 partial products over each split's F rows, times weights[p]."""
+def down_kernel(experts_ref, weights_ref, h_ref, down_ref, y_ref, *, chunk: int):
+    """experts_ref, weights_ref [P]; h_ref [P, F]; down_ref [E, F, block_d]; y_ref [P, S,
+    block_d] float32 partial products over each split's F rows, times weights[p]."""
     p, s = pl.program_id(0), pl.program_id(2)
     e = experts_ref[p]
-    rows_per_split = g_ref.shape[2] // y_ref.shape[1]
+    rows_per_split = h_ref.shape[1] // y_ref.shape[1]
     block_d = y_ref.shape[2]
     dtype = down_ref.dtype
 
     def body(c, acc):
         rows = pl.ds(s * rows_per_split + c * chunk, chunk)
-        g, u = jnp.sum(g_ref[p, :, rows], axis=0), jnp.sum(u_ref[p, :, rows], axis=0)
-        hs = _one_row((jax.nn.silu(g) * u).astype(h_dtype), dtype)
+        hs = _one_row(h_ref[p, rows], dtype)
         return acc + jnp.dot(hs, down_ref[e, rows, :], preferred_element_type=jnp.float32, precision=_precision(dtype))
 
     def compute():
@@ -177,8 +175,8 @@ def moe_decode(
     n, top_k = experts.shape
     flat = experts.reshape(-1).astype(jnp.int32)
     g, u = moe_gate_up(x, flat, gate, up, config=config, interpret=interpret)
-    y = moe_down(g, u, flat, weights.reshape(-1).astype(jnp.float32), down, h_dtype=x.dtype, config=config,
-                 interpret=interpret)
+    h = (jax.nn.silu(jnp.sum(g, axis=1)) * jnp.sum(u, axis=1)).astype(x.dtype)
+    y = moe_down(h, flat, weights.reshape(-1).astype(jnp.float32), down, config=config, interpret=interpret)
     return jnp.sum(y.reshape(n, top_k * y.shape[1], -1), axis=1)
 
 
@@ -215,21 +213,19 @@ def moe_gate_up(x, experts, gate, up, *, config: MoeDecodeConfig, interpret: boo
     )(experts, x, gate, up)
 
 
-def moe_down(g, u, experts, weights, down, *, h_dtype, config: MoeDecodeConfig, interpret: bool = False):
-    """The second kernel: `moe_gate_up`'s partials g, u [P, S', F] (h = silu(sum g) * sum u,
-    rounded to h_dtype as it is loaded); experts [P] int32; weights [P] float32; down [E, F, D]
-    -> y [P, S, D] float32 with sum_s y[p, s] = weights[p] * h[p] @ down[experts[p]]."""
-    p, gate_splits, f = g.shape
+def moe_down(h, experts, weights, down, *, config: MoeDecodeConfig, interpret: bool = False):
+    """The second kernel: h [P, F]; experts [P] int32; weights [P] float32; down [E, F, D] ->
+    y [P, S, D] float32 with sum_s y[p, s] = weights[p] * h[p] @ down[experts[p]]."""
+    p, f = h.shape
     e, _, d = down.shape
     bd, splits = _fit(config.block_d, d), _split(config.down_splits, f)
     return pl.pallas_call(
-        functools.partial(down_kernel, chunk=_fit(config.chunk, f // splits), h_dtype=h_dtype),
+        functools.partial(down_kernel, chunk=_fit(config.chunk, f // splits)),
         grid=(p, d // bd, splits),
         in_specs=[
             _whole((p,)),
             _whole((p,)),
-            _whole((p, gate_splits, f)),
-            _whole((p, gate_splits, f)),
+            _whole((p, f)),
             pl.BlockSpec((e, f, bd), lambda i, j, s: (0, 0, j)),
         ],
         out_specs=pl.BlockSpec((p, splits, bd), lambda i, j, s: (0, 0, j)),
@@ -237,7 +233,7 @@ def moe_down(g, u, experts, weights, down, *, h_dtype, config: MoeDecodeConfig, 
         compiler_params=_params(config),
         interpret=interpret,
         name="moe_decode_down",
-    )(experts, weights, g, u, down)
+    )(experts, weights, h, down)
 
 
 def moe_decode_reference(x, weights, experts, gate, up, down) -> jax.Array:
