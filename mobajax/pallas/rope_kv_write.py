@@ -3,12 +3,12 @@ write of k and v into the page pool, in place (Pallas Triton).
 
 XLA runs these steps as about six kernels per layer (the two per-head norm reductions, a rope
 fusion each for q and k, a slice of v, `kv_write`): 7.4 us per layer at one decode token of the
-Qwen3-30B-A3B-shaped model on an H100 (docs/benchmarks.md), for a few KB of data. The kernel reads
-the token's q, k and v heads from one [T, N + 2K, H] array: the concatenated projections, which
-XLA computes as one merged GEMM whose output is that array (three separate operands would each
-be a slice kernel). Programs per
-token: N / HEADS_PER_PROGRAM for the query heads, one for k and v, so a single token still runs
-on several SMs. Heads are loaded as two halves of the head dim, normalised and rotated in float32.
+Qwen3-30B-A3B-shaped model on an H100 (docs/benchmarks.md), for a few KB of data. The kernel
+reads the token's q, k and v heads from one [T, N + 2K, H] array: the concatenated projections,
+which XLA computes as one merged GEMM whose output is that array (three separate operands would
+each be a slice kernel). Programs per token: N / HEADS_PER_PROGRAM for the query heads, one for
+k and v, so a single token still runs on several SMs. Heads are loaded as two halves of the head
+dim, normalised and rotated in float32.
 
 Semantics are the model's: `mobajax.models.layers.RMSNorm` (x / rms(x) over the head dim in
 float32, cast to x's dtype, times the scale), then `mobajax.models.rope.apply_rope` (rotate-half
