@@ -16,24 +16,35 @@ import jax.numpy as jnp
 from mobajax.attention import AttentionSpec, KVCache, PagedKVCache, attend
 from mobajax.models.config import RopeConfig
 from mobajax.models.rope import apply_rope, inverse_frequencies
+from mobajax.pallas.rms_norm import fits as rms_norm_fits
+from mobajax.pallas.rms_norm import rms_norm
 from mobajax.pallas.rope_kv_write import fits as rope_kv_write_fits
 from mobajax.pallas.rope_kv_write import rope_kv_write
+
+
+KERNEL_ROWS = 16  # RMSNorm(kernel=True) takes the kernel up to this many rows
 
 
 class RMSNorm(nn.Module):
     """x / rms(x) * scale over the last axis, in float32, cast back to x's dtype.
 
-    scale_only: return the scale [D] itself, for a kernel that applies the norm (`rope_kv_write`).
+    kernel: a few rows (decode, at most `KERNEL_ROWS`) go through the `rms_norm` kernel (one
+    launch where XLA takes two). scale_only: return the scale [D] itself, for a kernel that
+    applies the norm (`rope_kv_write`).
     """
 
     eps: float
     dtype: Any = jnp.float32
+    kernel: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, scale_only: bool = False) -> jax.Array:
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
         if scale_only:
             return scale
+        rows = math.prod(x.shape[:-1])
+        if self.kernel and rows <= KERNEL_ROWS and rms_norm_fits(x.shape[-1]) and x.dtype == scale.dtype:
+            return rms_norm(x.reshape(rows, -1), scale, eps=self.eps).reshape(x.shape)
         xf = x.astype(jnp.float32)
         normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return scale * normed.astype(x.dtype)

@@ -52,13 +52,14 @@ class DecoderLayer(nn.Module):
             dtype=self.dtype,
             name="attn",
         )
-        h, cache = attn(RMSNorm(c.rms_norm_eps, self.dtype, name="input_norm")(x), positions, cache)
+        kernel = c.attention_impl == "pallas"  # the GPU kernels' mode
+        h, cache = attn(RMSNorm(c.rms_norm_eps, self.dtype, kernel, name="input_norm")(x), positions, cache)
         x = x + h
         if c.is_moe_layer(self.layer):
             mlp = SparseMoE(c.moe, self.dtype, self.mesh, name="moe")
         else:
             mlp = GatedMLP(c.intermediate_size, c.mlp_bias, self.dtype, name="mlp")
-        x = x + mlp(RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_norm")(x))
+        x = x + mlp(RMSNorm(c.rms_norm_eps, self.dtype, kernel, name="post_attention_norm")(x))
         return x, cache
 
 
