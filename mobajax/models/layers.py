@@ -50,6 +50,12 @@ class RMSNorm(nn.Module):
         return scale * normed.astype(x.dtype)
 
 
+def two_rows(x: jax.Array) -> jax.Array:
+    """One row x [..., 1, D] as two equal rows [..., 2, D] (a broadcast, which XLA fuses into the
+    GEMM that reads it): the form that keeps a one-token dot a GEMM (see `dot_general`)."""
+    return jnp.broadcast_to(x, (*x.shape[:-2], 2, x.shape[-1]))
+
+
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None) -> jax.Array:
     """`lax.dot_general` of lhs [..., K] with rhs [K, ...], one row of lhs computed as two.
 
@@ -60,8 +66,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     """
     (contract, _), batch = dimension_numbers
     if lhs.ndim >= 2 and math.prod(lhs.shape[:-1]) == 1 and tuple(contract) == (lhs.ndim - 1,) and not batch[0]:
-        twice = jnp.broadcast_to(lhs, (*lhs.shape[:-2], 2, lhs.shape[-1]))
-        out = jax.lax.dot_general(twice, rhs, dimension_numbers, precision, preferred_element_type)
+        out = jax.lax.dot_general(two_rows(lhs), rhs, dimension_numbers, precision, preferred_element_type)
         return jax.lax.slice_in_dim(out, 0, 1, axis=lhs.ndim - 2)
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
 
@@ -118,7 +123,7 @@ class Attention(nn.Module):
             # q/k norms, rope and the pool write in one kernel, which reads the three projections
             # as one [T, N + 2K, H] array: the output of XLA's merged q/k/v GEMM itself. One token
             # runs as two rows (see `dot_general`), whose second row the kernel skips.
-            rows = jnp.broadcast_to(x, (b, 2, d)) if b * t == 1 else x
+            rows = two_rows(x) if b * t == 1 else x
             qkv = jnp.concatenate([proj(rows)[0] for proj in projections], axis=-1).reshape(-1, n + 2 * k, h)
             scales = {}
             if self.qk_norm:

@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from mobajax.models.config import MoEConfig
-from mobajax.models.layers import GatedMLP, dense, dot_general
+from mobajax.models.layers import GatedMLP, dense, dot_general, two_rows
 from mobajax.pallas.grouped_matmul import grouped_matmul, grouped_matmul_mosaic, mosaic_config_for
 from mobajax.pallas.moe_decode import fits, moe_decode
 from mobajax.pallas.router_top_k import route_reference, router_top_k
@@ -60,7 +60,7 @@ def route_tokens(
     else:
         lhs, rhs, kw = x.astype(jnp.float32), router.astype(jnp.float32), {"precision": jax.lax.Precision.HIGHEST}
     if impl != "xla" and x.shape[0] == 1:
-        logits = jax.lax.dot_general(jnp.broadcast_to(lhs, (2, lhs.shape[1])), rhs, dims, **kw)
+        logits = jax.lax.dot_general(two_rows(lhs), rhs, dims, **kw)
         return router_top_k(logits, top_k, normalize, num_tokens=1)
     return route(dot_general(lhs, rhs, dims, **kw), top_k, normalize, impl)
 

@@ -69,3 +69,19 @@ def test_paged_pallas_attention_equals_xla(monkeypatch, qk_norm, decode, lens_ca
                                    np.asarray(getattr(outs["xla"][1], pool)), atol=2e-5, rtol=2e-5)
     assert "rope_kv_write" in jaxprs["pallas"] and "kv_write" not in jaxprs["pallas"].replace("rope_kv_write", "")
     assert "rope_kv_write" not in jaxprs["xla"]
+
+
+@pytest.mark.parametrize("impl,tokens,want", [("pallas", 1, 2), ("pallas", 17, 0), ("xla", 1, 0)])
+def test_decoder_layer_norms_take_the_kernel_in_the_kernels_mode(impl, tokens, want):
+    """With attention_impl "pallas" a decode-sized layer's input and post-attention norms are one
+    `rms_norm` kernel each; more tokens, or the XLA impl, keep the XLA ops."""
+    from mobajax.bench.moe import qwen3_30b_config
+    from mobajax.models.llama import DecoderLayer
+
+    config = dataclasses.replace(qwen3_30b_config(1, "xla", smoke=True), attention_impl=impl)
+    x = jnp.ones((1, tokens, config.hidden_size), jnp.float32)
+    pos = jnp.arange(tokens, dtype=jnp.int32)[None]
+    layer = DecoderLayer(config, 0)
+    params = jax.eval_shape(layer.init, jax.random.key(0), x, pos, None)  # traced only: no kernel runs on CPU
+    jaxpr = jax.make_jaxpr(lambda p, x: layer.apply(p, x, pos, None))(params, x)
+    assert sum(e.params.get("name") == "rms_norm" for e in jaxpr.eqns) == want
