@@ -16,6 +16,8 @@ import jax.numpy as jnp
 from mobajax.attention import AttentionSpec, KVCache, PagedKVCache, attend
 from mobajax.models.config import RopeConfig
 from mobajax.models.rope import apply_rope, inverse_frequencies
+from mobajax.pallas.decode_matmul import decode_matmul
+from mobajax.pallas.decode_matmul import fits as decode_matmul_fits
 from mobajax.pallas.rms_norm import fits as rms_norm_fits
 from mobajax.pallas.rms_norm import rms_norm
 from mobajax.pallas.rope_kv_write import fits as rope_kv_write_fits
@@ -71,11 +73,28 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
 
 
-def dense(features: int, name: str, use_bias: bool, dtype: Any) -> nn.Dense:
+class Dense(nn.Module):
+    """x [..., I] @ kernel [I, O] (+ bias [O]) via `dot_general`: flax's nn.Dense parameters
+    (names, shapes, initializers) in the module's dtype. weights_only: return (kernel, bias or
+    None) for a kernel that does the product itself (`decode_matmul`)."""
+
+    features: int
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, weights_only: bool = False):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.dtype) if self.use_bias else None
+        if weights_only:
+            return kernel, bias
+        y = dot_general(x.astype(self.dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        return y if bias is None else y + bias
+
+
+def dense(features: int, name: str, use_bias: bool, dtype: Any) -> Dense:
     """A linear layer with kernel [in, out] (HF's weight transposed)."""
-    return nn.Dense(
-        features, use_bias=use_bias, dtype=dtype, param_dtype=dtype, name=name, dot_general=dot_general
-    )
+    return Dense(features, use_bias, dtype, name=name)
 
 
 class GatedMLP(nn.Module):
@@ -121,10 +140,17 @@ class Attention(nn.Module):
                        ((n, "q_proj"), (k, "k_proj"), (k, "v_proj"))]  # fmt: skip
         if isinstance(cache, PagedKVCache) and self.spec.impl == "pallas" and rope_kv_write_fits(n, k, h):
             # q/k norms, rope and the pool write in one kernel, which reads the three projections
-            # as one [T, N + 2K, H] array: the output of XLA's merged q/k/v GEMM itself. One token
-            # runs as two rows (see `dot_general`), whose second row the kernel skips.
-            rows = two_rows(x) if b * t == 1 else x
-            qkv = jnp.concatenate([proj(rows)[0] for proj in projections], axis=-1).reshape(-1, n + 2 * k, h)
+            # as one [T, N + 2K, H] array. A few rows (decode) get it from `decode_matmul` (one
+            # launch for the three weights, faster than XLA's GEMMs there), more rows from XLA's
+            # merged q/k/v GEMM, whose output is that array.
+            if decode_matmul_fits(b * t, d, (n * h, k * h, k * h)):
+                weights, biases = zip(*(proj(x, weights_only=True) for proj in projections))
+                qkv = decode_matmul(x.reshape(b * t, d), weights)
+                if self.qkv_bias:
+                    qkv = qkv + jnp.concatenate(biases)
+            else:
+                qkv = jnp.concatenate([proj(x)[0] for proj in projections], axis=-1)
+            qkv = qkv.reshape(-1, n + 2 * k, h)
             scales = {}
             if self.qk_norm:
                 scales = {name: RMSNorm(self.norm_eps, self.dtype, name=name[0] + "_norm")(qkv[:1, :1], scale_only=True)

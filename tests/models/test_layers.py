@@ -1,7 +1,7 @@
 """models.layers: a one-token input runs as a two-row dot (XLA on the GPU turns one-row dots of
 small matrices into slow multiply + reduce fusions) with unchanged results; Attention over a page
-pool with the Pallas impl (q/k norm, rope and the pool write in `rope_kv_write`) equals the XLA
-path."""
+pool with the Pallas impl (q/k/v projections of a few rows in `decode_matmul`; q/k norm, rope and
+the pool write in `rope_kv_write`) equals the XLA path."""
 
 import dataclasses
 import functools
@@ -39,13 +39,16 @@ def test_one_token_runs_as_two_rows_with_the_same_result(shape, rows):
 @pytest.mark.parametrize("qk_norm", [True, False])
 @pytest.mark.parametrize("decode,lens_cached,lens_new", [
     (True, [5, 40, 17], [1, 1, 1]),
-    (True, [40], [1]),  # one token: the q/k/v GEMM runs as two rows, the kernel reads the first
-    (False, [0, 21], [9, 3]),
+    (True, [40], [1]),
+    (False, [0, 21], [9, 3]),  # 12 rows: still `decode_matmul`
+    (False, [0, 21], [9, 13]),  # 22 rows: XLA's merged q/k/v GEMM
 ])
 def test_paged_pallas_attention_equals_xla(monkeypatch, qk_norm, decode, lens_cached, lens_new):
-    """The Pallas impl (kernels in interpret mode) normalises, rotates and writes k/v in one
-    `rope_kv_write` and attends like the XLA path, which runs the steps as XLA ops + a scatter."""
-    monkeypatch.setattr(layers, "rope_kv_write", functools.partial(layers.rope_kv_write, interpret=True))
+    """The Pallas impl (kernels in interpret mode) projects up to 16 rows with `decode_matmul`,
+    normalises, rotates and writes k/v in one `rope_kv_write` and attends like the XLA path, which
+    runs the steps as XLA ops + a scatter. q/k/v biases (Qwen2) where there is no q/k norm."""
+    for name in ("rope_kv_write", "decode_matmul"):
+        monkeypatch.setattr(layers, name, functools.partial(getattr(layers, name), interpret=True))
     for name in ("paged_prefill", "paged_decode"):
         monkeypatch.setattr(mobajax.attention, name, functools.partial(getattr(mobajax.attention, name), interpret=True))
     rng = np.random.default_rng(5)
@@ -56,11 +59,12 @@ def test_paged_pallas_attention_equals_xla(monkeypatch, qk_norm, decode, lens_ca
     pos = jnp.asarray(positions, jnp.int32)[None]
     outs, jaxprs = {}, {}
     for impl in ("xla", "pallas"):
-        module = Attention(n, kh, h, AttentionSpec(impl=impl), RopeConfig(theta=10000.0), qk_norm=qk_norm)
+        module = Attention(n, kh, h, AttentionSpec(impl=impl), RopeConfig(theta=10000.0), qkv_bias=not qk_norm,
+                           qk_norm=qk_norm)
         cache = PagedKVCache(jnp.asarray(k_pages), jnp.asarray(v_pages), meta)
         params = module.init(jax.random.key(0), x, pos, None)
-        if qk_norm:  # scales away from 1, so a missing norm scale would show
-            params = jax.tree.map(lambda p: p * 1.5 if p.ndim == 1 else p, params)
+        # norm scales away from 1 and biases away from 0, so a missing one would show
+        params = jax.tree.map(lambda p: p * 1.5 + 0.1 if p.ndim == 1 else p, params)
         outs[impl] = module.apply(params, x, pos, cache)
         jaxprs[impl] = str(jax.make_jaxpr(lambda p, x, c: module.apply(p, x, pos, c))(params, x, cache))
     np.testing.assert_allclose(np.asarray(outs["pallas"][0]), np.asarray(outs["xla"][0]), atol=2e-5, rtol=2e-5)
@@ -69,6 +73,7 @@ def test_paged_pallas_attention_equals_xla(monkeypatch, qk_norm, decode, lens_ca
                                    np.asarray(getattr(outs["xla"][1], pool)), atol=2e-5, rtol=2e-5)
     assert "rope_kv_write" in jaxprs["pallas"] and "kv_write" not in jaxprs["pallas"].replace("rope_kv_write", "")
     assert "rope_kv_write" not in jaxprs["xla"]
+    assert ("decode_matmul" in jaxprs["pallas"]) == (len(positions) <= 16) and "decode_matmul" not in jaxprs["xla"]
 
 
 @pytest.mark.parametrize("impl,tokens,want", [("pallas", 1, 2), ("pallas", 17, 0), ("xla", 1, 0)])

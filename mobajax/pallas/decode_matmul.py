@@ -1,0 +1,140 @@
+"""A few rows times weight matrices (decode projections), streaming the weights (Pallas Triton).
+
+At decode a projection is x [M <= 16, K] @ w [K, N]: the weights are read once and the FLOPs are
+negligible, so the kernel's job is to stream w at the copy rate. Program (column block j, K split
+s) computes x[:, rows_s] @ w[rows_s, block_j] as a [16, chunk] x [chunk, block_n] tensor-core dot
+per loop step (rows of x past M are zero): Triton pipelines the weight tiles of a dot through
+shared memory, which keeps enough loads in flight (the structure of `moe_decode`).
+
+Several weights with the same K (the q, k and v projections) run in one launch and write one
+[M, N_1 + N_2 + ...] result, the form their consumer reads whole (`rope_kv_write`).
+
+With S > 1 splits of K (more programs for narrow outputs) the kernel writes float32 partial
+sums [S, M, N] and one XLA reduction adds them; with one split it writes the product itself.
+
+Shapes: x [M, K], weights [K, N_i] -> [M, sum N_i] in x's dtype (float32 accumulation). K and
+every N_i multiples of 16 (`fits`). `interpret=True` runs it on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+MMA_ROWS = 16  # the smallest M of a tensor-core dot, and the most rows the kernel takes
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeMatmulConfig:
+    """Tile sizes (powers of two, each shrunk to fit its dim): block_n columns per program,
+    splits of K (float32 partials when > 1), chunk weight rows per loop step."""
+
+    block_n: int = 64
+    splits: int = 1
+    chunk: int = 128
+    num_warps: int = 4
+    num_stages: int = 6
+
+    def __post_init__(self):
+        for name in ("block_n", "splits", "chunk"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two, got {value}")
+        for name in ("block_n", "chunk"):
+            if getattr(self, name) < MMA_ROWS:
+                raise ValueError(f"{name} must be at least {MMA_ROWS}, got {getattr(self, name)}")
+
+
+def fits(rows: int, k: int, widths: Sequence[int]) -> bool:
+    """Whether the kernel takes `rows` rows, contraction K and output widths N_i."""
+    return 1 <= rows <= MMA_ROWS and all(n % MMA_ROWS == 0 for n in (k, *widths))
+
+
+def _fit(block: int, dim: int) -> int:
+    """The largest power of two <= block dividing dim."""
+    return min(block, dim & -dim)
+
+
+def _kernel(x_ref, *refs, bounds, chunk):
+    *w_refs, out_ref = refs
+    j, s = pl.program_id(0), pl.program_id(1)
+    m, k = x_ref.shape
+    splits = pl.num_programs(1)
+    rows_per_split = k // splits
+    block_n = out_ref.shape[1] // bounds[-1]
+    row = jnp.arange(MMA_ROWS)
+    live = (row < m)[:, None]
+    dtype = w_refs[0].dtype
+    precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+    def product(w_ref, first_block):
+        cols = pl.ds((j - first_block) * block_n, block_n)
+
+        def body(i, acc):
+            start = s * rows_per_split + i * chunk
+            tile = (jnp.minimum(row, m - 1)[:, None], start + jnp.arange(chunk)[None, :])
+            xs = plgpu.load(x_ref.at[tile], mask=live, other=0).astype(dtype)
+            w = w_ref[pl.ds(start, chunk), cols]
+            return acc + jnp.dot(xs, w, preferred_element_type=jnp.float32, precision=precision)
+
+        acc = lax.fori_loop(0, rows_per_split // chunk, body, jnp.zeros((MMA_ROWS, block_n), jnp.float32))
+        store = (s * m + row[:, None], j * block_n + jnp.arange(block_n)[None, :])
+        plgpu.store(out_ref.at[store], acc.astype(out_ref.dtype), mask=live)
+
+    if len(w_refs) == 1:
+        product(w_refs[0], 0)
+        return
+    for w_ref, first, end in zip(w_refs, bounds[:-1], bounds[1:]):
+        pl.when((j >= first) & (j < end))(functools.partial(product, w_ref, first))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def decode_matmul(
+    x: jax.Array,
+    weights: Sequence[jax.Array],
+    *,
+    config: DecodeMatmulConfig = DecodeMatmulConfig(),
+    interpret: bool = False,
+) -> jax.Array:
+    """x [M, K] @ concat(weights [K, N_i], axis=1) -> [M, sum N_i] in x's dtype; float32
+    accumulation; M <= 16."""
+    weights = tuple(weights)
+    if x.ndim != 2 or not weights or any(w.ndim != 2 or w.shape[0] != x.shape[1] for w in weights):
+        raise ValueError(
+            f"x must be [M, K] and weights [K, N_i], got {x.shape} and {[w.shape for w in weights]}"
+        )
+    if len({w.dtype for w in weights}) != 1:
+        raise ValueError(f"weights must share one dtype, got {[str(w.dtype) for w in weights]}")
+    m, k = x.shape
+    widths = [w.shape[1] for w in weights]
+    if not fits(m, k, widths):
+        raise ValueError(
+            f"decode_matmul takes 1..{MMA_ROWS} rows and K, N_i multiples of {MMA_ROWS}, got M={m}, K={k}, N={widths}"
+        )
+    block_n = functools.reduce(_fit, widths, config.block_n)
+    splits = _fit(config.splits, k // MMA_ROWS)
+    chunk = _fit(config.chunk, k // splits)
+    bounds = (0, *itertools.accumulate(n // block_n for n in widths))
+    out_dtype = x.dtype if splits == 1 else jnp.float32
+    whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))  # noqa: E731
+    out = pl.pallas_call(
+        functools.partial(_kernel, bounds=bounds, chunk=chunk),
+        grid=(bounds[-1], splits),
+        in_specs=[whole(x.shape)] + [whole(w.shape) for w in weights],
+        out_specs=whole((splits * m, sum(widths))),
+        out_shape=jax.ShapeDtypeStruct((splits * m, sum(widths)), out_dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        interpret=interpret,
+        name="decode_matmul",
+    )(x, *weights)
+    if splits == 1:
+        return out
+    return jnp.sum(out.reshape(splits, m, -1), axis=0).astype(x.dtype)
