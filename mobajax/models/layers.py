@@ -7,7 +7,7 @@ Parameters are stored in the compute dtype of the module (`dtype`); norms comput
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -19,7 +19,7 @@ from mobajax.models.rope import apply_rope, inverse_frequencies
 from mobajax.pallas.decode_matmul import decode_matmul
 from mobajax.pallas.decode_matmul import fits as decode_matmul_fits
 from mobajax.pallas.rms_norm import fits as rms_norm_fits
-from mobajax.pallas.rms_norm import rms_norm
+from mobajax.pallas.rms_norm import add_rms_norm, rms_norm
 from mobajax.pallas.rope_kv_write import fits as rope_kv_write_fits
 from mobajax.pallas.rope_kv_write import rope_kv_write
 
@@ -27,12 +27,22 @@ from mobajax.pallas.rope_kv_write import rope_kv_write
 KERNEL_ROWS = 16  # RMSNorm(kernel=True) takes the kernel up to this many rows
 
 
+class SplitSum(NamedTuple):
+    """An update to the residual stream still split in float32 partial sums: parts [M, S, D]; the
+    update of row m is sum_s parts[m, s] rounded to the model dtype (a split-K projection that
+    `RMSNorm(residual=...)` reduces, adds and normalises in one kernel)."""
+
+    parts: jax.Array
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * scale over the last axis, in float32, cast back to x's dtype.
 
     kernel: a few rows (decode, at most `KERNEL_ROWS`) go through the `rms_norm` kernel (one
     launch where XLA takes two). scale_only: return the scale [D] itself, for a kernel that
-    applies the norm (`rope_kv_write`).
+    applies the norm (`rope_kv_write`). residual: x is an update (an array like residual, or a
+    `SplitSum` of its rows) added to residual first -> (residual + x, norm of it), the add in
+    the same kernel (`add_rms_norm`).
     """
 
     eps: float
@@ -40,13 +50,30 @@ class RMSNorm(nn.Module):
     kernel: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, scale_only: bool = False) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+    def __call__(self, x, scale_only: bool = False, residual: jax.Array | None = None):
+        d = (residual if residual is not None else x).shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,), self.dtype)
         if scale_only:
             return scale
+        if residual is not None:
+            rows = math.prod(residual.shape[:-1])
+            update = x.parts if isinstance(x, SplitSum) else x.reshape(rows, d)
+            if self._takes_kernel(residual):
+                h, normed = add_rms_norm(update, residual.reshape(rows, d), scale, eps=self.eps)
+                return h.reshape(residual.shape), normed.reshape(residual.shape)
+            if update.ndim == 3:
+                update = jnp.sum(update, axis=1)
+            h = residual + update.astype(residual.dtype).reshape(residual.shape)
+            return h, self._xla(h, scale)
+        if self._takes_kernel(x):
+            return rms_norm(x.reshape(-1, d), scale, eps=self.eps).reshape(x.shape)
+        return self._xla(x, scale)
+
+    def _takes_kernel(self, x: jax.Array) -> bool:
         rows = math.prod(x.shape[:-1])
-        if self.kernel and rows <= KERNEL_ROWS and rms_norm_fits(x.shape[-1]) and x.dtype == scale.dtype:
-            return rms_norm(x.reshape(rows, -1), scale, eps=self.eps).reshape(x.shape)
+        return self.kernel and rows <= KERNEL_ROWS and rms_norm_fits(x.shape[-1]) and x.dtype == self.dtype
+
+    def _xla(self, x: jax.Array, scale: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return scale * normed.astype(x.dtype)
@@ -115,7 +142,9 @@ class Attention(nn.Module):
     """Self-attention with RoPE, GQA, optional q/k/v bias and q/k RMSNorm (Qwen3).
 
     x [B, T, D], positions [B, T] -> ([B, T, D], updated cache). The attention itself goes
-    through `mobajax.attention.attend` (the single dispatch point).
+    through `mobajax.attention.attend` (the single dispatch point). split_output: with the Pallas
+    impl and a few rows, the o projection's float32 partial sums as a `SplitSum` [B * T, S, D]
+    (from `decode_matmul`), for `RMSNorm(residual=...)` to add up with the residual add.
     """
 
     num_heads: int
@@ -131,8 +160,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, positions: jax.Array, cache: KVCache | None
-    ) -> tuple[jax.Array, KVCache | None]:
+        self, x: jax.Array, positions: jax.Array, cache: KVCache | None, split_output: bool = False
+    ) -> tuple[jax.Array | SplitSum, KVCache | None]:
         b, t, d = x.shape
         n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
         inv_freq, rope_factor = inverse_frequencies(self.rope, h)
@@ -169,5 +198,9 @@ class Attention(nn.Module):
             q = apply_rope(q, positions, inv_freq, rope_factor)
             key = apply_rope(key, positions, inv_freq, rope_factor)
             out, cache = attend(q, key, value, positions, cache, self.spec, scale=h**-0.5)
-        out = dense(d, "o_proj", self.o_bias, self.dtype)(out.reshape(b, t, n * h))
-        return out, cache
+        out = out.reshape(b, t, n * h)
+        o_proj = dense(d, "o_proj", self.o_bias, self.dtype)
+        if split_output and self.spec.impl == "pallas" and not self.o_bias and decode_matmul_fits(b * t, n * h, (d,)):
+            weight, _ = o_proj(out, weights_only=True)
+            return SplitSum(decode_matmul(out.reshape(b * t, n * h), (weight,), sum_splits=False)), cache
+        return o_proj(out), cache

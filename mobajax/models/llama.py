@@ -53,14 +53,16 @@ class DecoderLayer(nn.Module):
             name="attn",
         )
         kernel = c.attention_impl == "pallas"  # the GPU kernels' mode
-        h, cache = attn(RMSNorm(c.rms_norm_eps, self.dtype, kernel, name="input_norm")(x), positions, cache)
-        x = x + h
+        normed = RMSNorm(c.rms_norm_eps, self.dtype, kernel, name="input_norm")(x)
+        # in the kernels' mode a decode step's o projection stays split (`SplitSum`) and the
+        # post-attention norm adds it to x in its own kernel
+        h, cache = attn(normed, positions, cache, split_output=kernel)
+        x, normed = RMSNorm(c.rms_norm_eps, self.dtype, kernel, name="post_attention_norm")(h, residual=x)
         if c.is_moe_layer(self.layer):
             mlp = SparseMoE(c.moe, self.dtype, self.mesh, name="moe")
         else:
             mlp = GatedMLP(c.intermediate_size, c.mlp_bias, self.dtype, name="mlp")
-        x = x + mlp(RMSNorm(c.rms_norm_eps, self.dtype, kernel, name="post_attention_norm")(x))
-        return x, cache
+        return x + mlp(normed), cache
 
 
 class Decoder(nn.Module):

@@ -10,10 +10,12 @@ Several weights with the same K (the q, k and v projections) run in one launch a
 [M, N_1 + N_2 + ...] result, the form their consumer reads whole (`rope_kv_write`).
 
 With S > 1 splits of K (more programs for narrow outputs) the kernel writes float32 partial
-sums [S, M, N] and one XLA reduction adds them; with one split it writes the product itself.
+sums [M, S, N] and one XLA reduction adds them, or (sum_splits=False) they are returned for a
+consumer that adds them itself (`add_rms_norm`); with one split it writes the product itself.
 
-Shapes: x [M, K], weights [K, N_i] -> [M, sum N_i] in x's dtype (float32 accumulation). K and
-every N_i multiples of 16 (`fits`). `interpret=True` runs it on CPU.
+Shapes: x [M, K], weights [K, N_i] -> [M, sum N_i] in x's dtype (float32 accumulation), or
+float32 partial sums [M, S, sum N_i]. K and every N_i multiples of 16 (`fits`).
+`interpret=True` runs it on CPU.
 """
 
 from __future__ import annotations
@@ -29,23 +31,32 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from mobajax.pallas import online_softmax as osm
+
 MMA_ROWS = 16  # the smallest M of a tensor-core dot, and the most rows the kernel takes
+MIN_BLOCKS = 64  # column blocks that stream the weights without splitting K (automatic splits)
+MIN_PROGRAMS = 128  # programs the automatic splits aim for below MIN_BLOCKS
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeMatmulConfig:
     """Tile sizes (powers of two, each shrunk to fit its dim): block_n columns per program,
-    splits of K (float32 partials when > 1), chunk weight rows per loop step."""
+    splits of K (float32 partials when > 1; None: one split when there are at least
+    MIN_BLOCKS column blocks, else enough splits for MIN_PROGRAMS programs), chunk weight rows per
+    loop step. Defaults: the best of the H100 sweeps at the Qwen3-30B-A3B q/k/v and o shapes
+    (docs/benchmarks.md)."""
 
     block_n: int = 64
-    splits: int = 1
+    splits: int | None = None
     chunk: int = 128
     num_warps: int = 4
-    num_stages: int = 6
+    num_stages: int = 5
 
     def __post_init__(self):
         for name in ("block_n", "splits", "chunk"):
             value = getattr(self, name)
+            if value is None and name == "splits":
+                continue
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two, got {value}")
         for name in ("block_n", "chunk"):
@@ -86,7 +97,7 @@ def _kernel(x_ref, *refs, bounds, chunk):
             return acc + jnp.dot(xs, w, preferred_element_type=jnp.float32, precision=precision)
 
         acc = lax.fori_loop(0, rows_per_split // chunk, body, jnp.zeros((MMA_ROWS, block_n), jnp.float32))
-        store = (s * m + row[:, None], j * block_n + jnp.arange(block_n)[None, :])
+        store = (row[:, None] * splits + s, j * block_n + jnp.arange(block_n)[None, :])
         plgpu.store(out_ref.at[store], acc.astype(out_ref.dtype), mask=live)
 
     if len(w_refs) == 1:
@@ -96,16 +107,18 @@ def _kernel(x_ref, *refs, bounds, chunk):
         pl.when((j >= first) & (j < end))(functools.partial(product, w_ref, first))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("config", "sum_splits", "interpret"))
 def decode_matmul(
     x: jax.Array,
     weights: Sequence[jax.Array],
     *,
     config: DecodeMatmulConfig = DecodeMatmulConfig(),
+    sum_splits: bool = True,
     interpret: bool = False,
 ) -> jax.Array:
     """x [M, K] @ concat(weights [K, N_i], axis=1) -> [M, sum N_i] in x's dtype; float32
-    accumulation; M <= 16."""
+    accumulation; M <= 16. sum_splits=False: the float32 partial sums [M, S, sum N_i] over the
+    config's S splits of K instead."""
     weights = tuple(weights)
     if x.ndim != 2 or not weights or any(w.ndim != 2 or w.shape[0] != x.shape[1] for w in weights):
         raise ValueError(
@@ -120,10 +133,12 @@ def decode_matmul(
             f"decode_matmul takes 1..{MMA_ROWS} rows and K, N_i multiples of {MMA_ROWS}, got M={m}, K={k}, N={widths}"
         )
     block_n = functools.reduce(_fit, widths, config.block_n)
-    splits = _fit(config.splits, k // MMA_ROWS)
+    blocks = sum(widths) // block_n
+    splits = config.splits or (1 if blocks >= MIN_BLOCKS else osm.next_power_of_two(-(-MIN_PROGRAMS // blocks)))
+    splits = _fit(splits, k // MMA_ROWS)
     chunk = _fit(config.chunk, k // splits)
     bounds = (0, *itertools.accumulate(n // block_n for n in widths))
-    out_dtype = x.dtype if splits == 1 else jnp.float32
+    out_dtype = x.dtype if splits == 1 and sum_splits else jnp.float32
     whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))  # noqa: E731
     out = pl.pallas_call(
         functools.partial(_kernel, bounds=bounds, chunk=chunk),
@@ -135,6 +150,7 @@ def decode_matmul(
         interpret=interpret,
         name="decode_matmul",
     )(x, *weights)
-    if splits == 1:
+    out = out.reshape(m, splits, -1)
+    if not sum_splits:
         return out
-    return jnp.sum(out.reshape(splits, m, -1), axis=0).astype(x.dtype)
+    return out[:, 0] if splits == 1 else jnp.sum(out, axis=1).astype(x.dtype)

@@ -76,10 +76,15 @@ def test_paged_pallas_attention_equals_xla(monkeypatch, qk_norm, decode, lens_ca
     assert ("decode_matmul" in jaxprs["pallas"]) == (len(positions) <= 16) and "decode_matmul" not in jaxprs["xla"]
 
 
-@pytest.mark.parametrize("impl,tokens,want", [("pallas", 1, 2), ("pallas", 17, 0), ("xla", 1, 0)])
-def test_decoder_layer_norms_take_the_kernel_in_the_kernels_mode(impl, tokens, want):
-    """With attention_impl "pallas" a decode-sized layer's input and post-attention norms are one
-    `rms_norm` kernel each; more tokens, or the XLA impl, keep the XLA ops."""
+@pytest.mark.parametrize("impl,tokens,want", [
+    ("pallas", 1, {"rms_norm": 1, "decode_matmul": 1, "add_rms_norm": 1}),
+    ("pallas", 17, {}),
+    ("xla", 1, {}),
+])
+def test_decoder_layer_takes_the_decode_kernels_in_the_kernels_mode(impl, tokens, want):
+    """With attention_impl "pallas" a decode-sized layer's input norm is one `rms_norm` kernel, its
+    o projection a `decode_matmul` left split and its residual add + post-attention norm one
+    `add_rms_norm`; more tokens, or the XLA impl, keep the XLA ops."""
     from mobajax.bench.moe import qwen3_30b_config
     from mobajax.models.llama import DecoderLayer
 
@@ -89,4 +94,29 @@ def test_decoder_layer_norms_take_the_kernel_in_the_kernels_mode(impl, tokens, w
     layer = DecoderLayer(config, 0)
     params = jax.eval_shape(layer.init, jax.random.key(0), x, pos, None)  # traced only: no kernel runs on CPU
     jaxpr = jax.make_jaxpr(lambda p, x: layer.apply(p, x, pos, None))(params, x)
-    assert sum(e.params.get("name") == "rms_norm" for e in jaxpr.eqns) == want
+    names = [e.params.get("name") for e in jaxpr.eqns]  # the kernels' jitted wrappers
+    assert {name: names.count(name) for name in ("rms_norm", "decode_matmul", "add_rms_norm") if name in names} == want
+
+
+def test_decoder_layer_kernels_equal_xla(monkeypatch):
+    """A decode-sized Qwen3-MoE layer in the kernels' mode (Pallas kernels in interpret mode; the
+    attention over a contiguous cache) equals the XLA impl: the split o projection reduced in
+    `add_rms_norm` with the residual add is the same sum."""
+    from mobajax.attention import init_kv_cache
+    from mobajax.bench.moe import qwen3_30b_config
+    from mobajax.models.llama import DecoderLayer
+
+    for name in ("rms_norm", "add_rms_norm", "decode_matmul"):
+        monkeypatch.setattr(layers, name, functools.partial(getattr(layers, name), interpret=True))
+    base = qwen3_30b_config(1, "xla", smoke=True)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, 1, base.hidden_size)), jnp.float32)
+    pos = jnp.full((1, 1), 7, jnp.int32)
+    params = DecoderLayer(base, 0).init(jax.random.key(1), x, pos, None)
+    params = jax.tree.map(lambda p: p * 1.5 + 0.1 if p.ndim == 1 else p, params)
+    outs = {}
+    for impl in ("xla", "pallas"):
+        config = dataclasses.replace(base, attention_impl=impl)
+        cache = init_kv_cache(1, 1, 16, base.num_kv_heads, base.head_dim, jnp.float32)[0]
+        outs[impl] = DecoderLayer(config, 0).apply(params, x, pos, cache)[0]
+    np.testing.assert_allclose(np.asarray(outs["pallas"]), np.asarray(outs["xla"]), atol=2e-5, rtol=2e-5)

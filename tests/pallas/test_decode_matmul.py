@@ -48,6 +48,17 @@ def test_splits_shrink_to_the_contraction():
     assert_close(got, _reference(x, weights), jnp.float32, "two splits")
 
 
+@pytest.mark.parametrize("widths,splits", [((3072, 512, 512), 1), ((1024,), 8), ((64,), 16)])
+def test_partial_sums_and_automatic_splits(widths, splits):
+    """sum_splits=False returns the float32 partial sums [M, S, N]; automatic splits: one split
+    from MIN_BLOCKS column blocks of 64 on, else enough for MIN_PROGRAMS programs (at most K / 16)."""
+    x, weights = _inputs(1, 3, 256, widths, jnp.bfloat16)
+    parts = decode_matmul(x, weights, sum_splits=False, interpret=True)
+    assert parts.shape == (3, splits, sum(widths)) and parts.dtype == jnp.float32
+    assert_close(parts.sum(1).astype(jnp.bfloat16), _reference(x, weights).astype(jnp.bfloat16), jnp.bfloat16,
+                 "partial sums")
+
+
 def test_bad_arguments_are_named():
     x, weights = _inputs(0, 2, 64, (32,), jnp.float32)
     with pytest.raises(ValueError, match=r"x must be \[M, K\] and weights \[K, N_i\]"):
