@@ -144,7 +144,10 @@ class Attention(nn.Module):
     x [B, T, D], positions [B, T] -> ([B, T, D], updated cache). The attention itself goes
     through `mobajax.attention.attend` (the single dispatch point). split_output: with the Pallas
     impl and a few rows, the o projection's float32 partial sums as a `SplitSum` [B * T, S, D]
-    (from `decode_matmul`), for `RMSNorm(residual=...)` to add up with the residual add.
+    (from `decode_matmul`), for `RMSNorm(residual=...)` to add up with the residual add (only
+    where D suits its kernel). kernel_projections: whether the Pallas impl may project a few rows
+    with `decode_matmul`; False where the weights are sharded over devices (a kernel would
+    gather them).
     """
 
     num_heads: int
@@ -157,6 +160,7 @@ class Attention(nn.Module):
     qk_norm: bool = False
     norm_eps: float = 1e-6
     dtype: Any = jnp.float32
+    kernel_projections: bool = True
 
     @nn.compact
     def __call__(
@@ -172,7 +176,7 @@ class Attention(nn.Module):
             # as one [T, N + 2K, H] array. A few rows (decode) get it from `decode_matmul` (one
             # launch for the three weights, faster than XLA's GEMMs there), more rows from XLA's
             # merged q/k/v GEMM, whose output is that array.
-            if decode_matmul_fits(b * t, d, (n * h, k * h, k * h)):
+            if self.kernel_projections and decode_matmul_fits(b * t, d, (n * h, k * h, k * h)):
                 weights, biases = zip(*(proj(x, weights_only=True) for proj in projections))
                 qkv = decode_matmul(x.reshape(b * t, d), weights)
                 if self.qkv_bias:
@@ -200,7 +204,8 @@ class Attention(nn.Module):
             out, cache = attend(q, key, value, positions, cache, self.spec, scale=h**-0.5)
         out = out.reshape(b, t, n * h)
         o_proj = dense(d, "o_proj", self.o_bias, self.dtype)
-        if split_output and self.spec.impl == "pallas" and not self.o_bias and decode_matmul_fits(b * t, n * h, (d,)):
+        split = split_output and self.spec.impl == "pallas" and self.kernel_projections and not self.o_bias
+        if split and decode_matmul_fits(b * t, n * h, (d,)) and rms_norm_fits(d):
             weight, _ = o_proj(out, weights_only=True)
             return SplitSum(decode_matmul(out.reshape(b * t, n * h), (weight,), sum_splits=False)), cache
         return o_proj(out), cache

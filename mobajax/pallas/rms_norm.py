@@ -26,6 +26,8 @@ from jax.experimental.pallas import triton as plgpu
 from mobajax.pallas import online_softmax as osm
 
 ROWS = 4  # rows per program (fewer when there are fewer rows)
+ELEMENTS_PER_WARP = 128  # a program's warps: its tile's elements / this, 1 to 16 (H100 sweep: 16
+# warps for one 2048-wide row, add_rms_norm 1.55 us against 2.05 at 4 warps)
 MAX_DIM = 16384  # a [ROWS, D] float32 tile in registers
 
 
@@ -62,13 +64,14 @@ def _call(args, m: int, d: int, dtype, eps: float, add: bool, interpret: bool):
     rows = min(ROWS, osm.next_power_of_two(max(m, 1)))
     whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))  # noqa: E731
     out = jax.ShapeDtypeStruct((m, d), dtype)
+    warps = min(16, max(1, rows * d // ELEMENTS_PER_WARP))
     return pl.pallas_call(
         functools.partial(_kernel, rows=rows, eps=eps, add=add),
         grid=(pl.cdiv(m, rows),),
         in_specs=[whole(a.shape) for a in args],
         out_specs=[whole((m, d))] * (2 if add else 1),
         out_shape=[out] * (2 if add else 1),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret,
         name="add_rms_norm" if add else "rms_norm",
     )(*args)
