@@ -18,11 +18,10 @@ from mobajax.models.config import RopeConfig
 from mobajax.models.rope import apply_rope, inverse_frequencies
 from mobajax.pallas.decode_matmul import decode_matmul
 from mobajax.pallas.decode_matmul import fits as decode_matmul_fits
-from mobajax.pallas.rms_norm import fits as rms_norm_fits
 from mobajax.pallas.rms_norm import add_rms_norm, rms_norm
+from mobajax.pallas.rms_norm import fits as rms_norm_fits
 from mobajax.pallas.rope_kv_write import fits as rope_kv_write_fits
 from mobajax.pallas.rope_kv_write import rope_kv_write
-
 
 KERNEL_ROWS = 16  # RMSNorm(kernel=True) takes the kernel up to this many rows
 

@@ -33,7 +33,6 @@ from jax.experimental.pallas import triton as plgpu
 
 from mobajax.pallas import online_softmax as osm
 
-
 HEADS_PER_PROGRAM = 8  # query heads per program (fewer if N is smaller)
 
 

@@ -50,7 +50,8 @@ def test_paged_pallas_attention_equals_xla(monkeypatch, qk_norm, decode, lens_ca
     for name in ("rope_kv_write", "decode_matmul"):
         monkeypatch.setattr(layers, name, functools.partial(getattr(layers, name), interpret=True))
     for name in ("paged_prefill", "paged_decode"):
-        monkeypatch.setattr(mobajax.attention, name, functools.partial(getattr(mobajax.attention, name), interpret=True))
+        kernel = functools.partial(getattr(mobajax.attention, name), interpret=True)
+        monkeypatch.setattr(mobajax.attention, name, kernel)
     rng = np.random.default_rng(5)
     n, kh, h, page_size = 8, 2, 32, 16
     k_pages, v_pages, meta, positions = build_paged_batch(rng, lens_cached, lens_new, page_size, 12, kh, h)
@@ -66,7 +67,7 @@ def test_paged_pallas_attention_equals_xla(monkeypatch, qk_norm, decode, lens_ca
         # norm scales away from 1 and biases away from 0, so a missing one would show
         params = jax.tree.map(lambda p: p * 1.5 + 0.1 if p.ndim == 1 else p, params)
         outs[impl] = module.apply(params, x, pos, cache)
-        jaxprs[impl] = str(jax.make_jaxpr(lambda p, x, c: module.apply(p, x, pos, c))(params, x, cache))
+        jaxprs[impl] = str(jax.make_jaxpr(lambda p, x, c, m=module: m.apply(p, x, pos, c))(params, x, cache))
     np.testing.assert_allclose(np.asarray(outs["pallas"][0]), np.asarray(outs["xla"][0]), atol=2e-5, rtol=2e-5)
     for pool in ("k_pages", "v_pages"):
         np.testing.assert_allclose(np.asarray(getattr(outs["pallas"][1], pool)),

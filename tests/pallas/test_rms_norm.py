@@ -37,7 +37,8 @@ def test_model_norm_takes_the_kernel_for_a_few_rows(monkeypatch):
     from mobajax.models import layers
 
     calls = []
-    monkeypatch.setattr(layers, "rms_norm", lambda *a, **k: calls.append(a[0].shape) or rms_norm(*a, **k, interpret=True))
+    monkeypatch.setattr(layers, "rms_norm",
+                        lambda *a, **k: calls.append(a[0].shape) or rms_norm(*a, **k, interpret=True))
     for rows in (1, 16, 17):
         x, scale = _inputs(rows, rows, 64, jnp.float32)
         got = RMSNorm(1e-6, jnp.float32, kernel=True).apply({"params": {"scale": scale}}, x[None])

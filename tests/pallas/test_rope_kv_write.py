@@ -4,7 +4,6 @@ bfloat16; argument errors; Triton lowering; a GPU run."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -67,8 +66,9 @@ def test_rows_past_the_tokens_are_not_read():
     qkv = jnp.concatenate([q, k, v], axis=1)
     two = jnp.concatenate([qkv, jnp.full_like(qkv, jnp.nan)])
     slots = jnp.maximum(slots, 0)
-    one = rope_kv_write(qkv, positions, slots, k_pages, v_pages, inv_freq, num_heads=8, q_scale=qs, k_scale=ks, interpret=True)
-    got = rope_kv_write(two, positions, slots, k_pages, v_pages, inv_freq, num_heads=8, q_scale=qs, k_scale=ks, interpret=True)
+    kw = dict(num_heads=8, q_scale=qs, k_scale=ks, interpret=True)
+    one = rope_kv_write(qkv, positions, slots, k_pages, v_pages, inv_freq, **kw)
+    got = rope_kv_write(two, positions, slots, k_pages, v_pages, inv_freq, **kw)
     assert got[0].shape == (1, 8, 64)
     for a, b in zip(got, one):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
