@@ -141,7 +141,55 @@ def _checks():
             x, experts, weights = jnp.zeros((n, 64)), jnp.zeros((n, 1), jnp.int32), jnp.ones((n, 1))
             fn = jax.jit(lambda *a, impl=impl: expert_parallel_experts(*a, mesh=make_mesh(expert=8), impl=impl))
             fn.trace(x, weights, experts, *w)
+    _paged_pallas_attention_checks()
     print("all parallel checks passed")
+
+
+def _paged_pallas_attention_checks():
+    """Paged Attention with the Pallas kernels (interpret mode) over tensor=2 equals one device: the
+    kernels run per device (shard_map) on its heads and its shard of the page pool, never on a
+    gathered pool. Head dim 32 takes `rope_kv_write`, 16 the XLA rope and `kv_write`."""
+    import dataclasses
+    import functools
+
+    import mobajax.attention
+    from mobajax.attention import AttentionSpec, PagedKVCache
+    from mobajax.models import layers
+    from mobajax.models.layers import Attention
+    from tests.test_attention import build_paged_batch
+
+    for module, names in ((layers, ("rope_kv_write", "decode_matmul")),
+                          (mobajax.attention, ("paged_prefill", "paged_decode", "kv_write"))):
+        for name in names:
+            setattr(module, name, functools.partial(getattr(module, name), interpret=True))
+    mesh = make_mesh(tensor=2, devices=jax.devices()[:2])
+    shard = lambda x, *spec: jax.device_put(x, jax.sharding.NamedSharding(mesh, P(*spec)))  # noqa: E731
+    rng = np.random.default_rng(3)
+    for h, qk_norm in ((32, True), (16, False)):
+        for decode, cached, new in ((True, [5, 40, 17], [1, 1, 1]), (False, [0, 21], [9, 3])):
+            k_pages, v_pages, meta, positions = build_paged_batch(rng, cached, new, 16, 12, 2, h)
+            cache = PagedKVCache(jnp.asarray(k_pages), jnp.asarray(v_pages), dataclasses.replace(meta, decode=decode))
+            x = jnp.asarray(rng.standard_normal((1, len(positions), 64)), jnp.float32)
+            pos = jnp.asarray(positions, jnp.int32)[None]
+            spec = AttentionSpec(impl="pallas")
+            one = Attention(8, 2, h, spec, RopeConfig(theta=10000.0), qk_norm=qk_norm)
+            params = one.init(jax.random.key(0), x, pos, None)["params"]
+            params = jax.tree.map(lambda p: p * 1.5 + 0.1 if p.ndim == 1 else p, params)
+            ref, ref_cache = one.apply({"params": params}, x, pos, cache)
+            par = Attention(8, 2, h, spec, RopeConfig(theta=10000.0), qk_norm=qk_norm, mesh=mesh)
+            columns = {"o_proj": ("tensor", None)}  # the rest column-parallel
+            sharded = {name: {"kernel": shard(p["kernel"], *columns.get(name, (None, "tensor")))}
+                       if "kernel" in p else p for name, p in params.items()}  # fmt: skip
+            pool = (None, None, "tensor", None)
+            par_cache = cache._replace(k_pages=shard(cache.k_pages, *pool), v_pages=shard(cache.v_pages, *pool))
+            step = jax.jit(lambda p, x, c, m=par, pos=pos: m.apply({"params": p}, x, pos, c))
+            out, out_cache = step(sharded, x, par_cache)
+            what = f"paged Pallas attention, tensor=2, H={h}, decode={decode}"
+            assert "shard_map" in str(jax.make_jaxpr(step)(sharded, x, par_cache)), what
+            assert len(out_cache.k_pages.sharding.device_set) == 2, what
+            _close(out, ref, what)
+            _close(out_cache.k_pages, ref_cache.k_pages, what + " k pool")
+            _close(out_cache.v_pages, ref_cache.v_pages, what + " v pool")
 
 
 def test_two_process_expert_parallel_on_cpu():

@@ -6,12 +6,15 @@ Parameters are stored in the compute dtype of the module (`dtype`); norms comput
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from mobajax.attention import AttentionSpec, KVCache, PagedKVCache, attend
 from mobajax.models.config import RopeConfig
@@ -137,6 +140,21 @@ class GatedMLP(nn.Module):
         return dense(x.shape[-1], "down_proj", self.use_bias, self.dtype)(nn.silu(gate) * up)
 
 
+def tensor_sharded(fn, mesh: Mesh | None, in_specs, out_specs):
+    """fn run on each device's shard of the `tensor` mesh axis (`jax.shard_map`), for Pallas
+    kernels: XLA's SPMD partitioner runs a custom call on gathered, replicated operands (for the
+    attention kernels, the whole page pool on every device). fn itself without such an axis."""
+    if mesh is None or mesh.shape["tensor"] == 1:
+        return fn
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def _paged_cache_spec(cache: PagedKVCache) -> PagedKVCache:
+    """The page pool's partition over `tensor` (kv heads, as the engine shards it), as shard_map specs."""
+    pool = P(None, None, "tensor", None)
+    return PagedKVCache(pool, pool, P(), None if cache.k_sums is None else P(None, "tensor", None))
+
+
 class Attention(nn.Module):
     """Self-attention with RoPE, GQA, optional q/k/v bias and q/k RMSNorm (Qwen3).
 
@@ -144,9 +162,9 @@ class Attention(nn.Module):
     through `mobajax.attention.attend` (the single dispatch point). split_output: with the Pallas
     impl and a few rows, the o projection's float32 partial sums as a `SplitSum` [B * T, S, D]
     (from `decode_matmul`), for `RMSNorm(residual=...)` to add up with the residual add (only
-    where D suits its kernel). kernel_projections: whether the Pallas impl may project a few rows
-    with `decode_matmul`; False where the weights are sharded over devices (a kernel would
-    gather them).
+    where D suits its kernel). mesh: the device mesh when the params are sharded; over a `tensor`
+    axis of several devices the Pallas kernels run per device on its heads (`tensor_sharded`)
+    and the projections stay XLA GEMMs (a kernel would gather the weights).
     """
 
     num_heads: int
@@ -159,7 +177,7 @@ class Attention(nn.Module):
     qk_norm: bool = False
     norm_eps: float = 1e-6
     dtype: Any = jnp.float32
-    kernel_projections: bool = True
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(
@@ -167,32 +185,43 @@ class Attention(nn.Module):
     ) -> tuple[jax.Array | SplitSum, KVCache | None]:
         b, t, d = x.shape
         n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
+        tensor = 1 if self.mesh is None else self.mesh.shape["tensor"]
         inv_freq, rope_factor = inverse_frequencies(self.rope, h)
         projections = [dense(f * h, name, self.qkv_bias, self.dtype) for f, name in
                        ((n, "q_proj"), (k, "k_proj"), (k, "v_proj"))]  # fmt: skip
-        if isinstance(cache, PagedKVCache) and self.spec.impl == "pallas" and rope_kv_write_fits(n, k, h):
+        paged_kernels = isinstance(cache, PagedKVCache) and self.spec.impl == "pallas"
+        heads = P(None, None, "tensor", None)  # [1, T, heads, H] split over `tensor`
+        if paged_kernels and rope_kv_write_fits(n // tensor, k // tensor, h):
             # q/k norms, rope and the pool write in one kernel, which reads the three projections
             # as one [T, N + 2K, H] array. A few rows (decode) get it from `decode_matmul` (one
             # launch for the three weights, faster than XLA's GEMMs there), more rows from XLA's
             # merged q/k/v GEMM, whose output is that array.
-            if self.kernel_projections and decode_matmul_fits(b * t, d, (n * h, k * h, k * h)):
+            if tensor == 1 and decode_matmul_fits(b * t, d, (n * h, k * h, k * h)):
                 weights, biases = zip(*(proj(x, weights_only=True) for proj in projections))
-                qkv = decode_matmul(x.reshape(b * t, d), weights)
+                parts = [decode_matmul(x.reshape(b * t, d), weights)]
                 if self.qkv_bias:
-                    qkv = qkv + jnp.concatenate(biases)
+                    parts = [parts[0] + jnp.concatenate(biases)]
             else:
-                qkv = jnp.concatenate([proj(x)[0] for proj in projections], axis=-1)
-            qkv = qkv.reshape(-1, n + 2 * k, h)
+                parts = [proj(x)[0] for proj in projections]  # concatenated per device under TP
             scales = {}
-            if self.qk_norm:
-                scales = {name: RMSNorm(self.norm_eps, self.dtype, name=name[0] + "_norm")(qkv[:1, :1], scale_only=True)
+            if self.qk_norm:  # the norms' scales [H] (the zeros only give the shape)
+                head = jnp.zeros((h,), self.dtype)
+                scales = {name: RMSNorm(self.norm_eps, self.dtype, name=name[0] + "_norm")(head, scale_only=True)
                           for name in ("q_scale", "k_scale")}  # fmt: skip
-            q0, k_pages, v_pages = rope_kv_write(
-                qkv, positions[0], cache.meta.slots, cache.k_pages, cache.v_pages, inv_freq, num_heads=n,
-                attention_factor=rope_factor, eps=self.norm_eps, **scales,
-            )  # fmt: skip
-            cache = cache._replace(k_pages=k_pages, v_pages=v_pages)
-            out, cache = attend(q0[None], None, None, positions, cache, self.spec, scale=h**-0.5)
+
+            def write_and_attend(parts, scales, positions, cache):
+                qkv = jnp.concatenate(parts, axis=-1).reshape(parts[0].shape[0], -1, h)
+                q0, k_pages, v_pages = rope_kv_write(
+                    qkv, positions[0], cache.meta.slots, cache.k_pages, cache.v_pages, inv_freq,
+                    num_heads=qkv.shape[1] - 2 * cache.k_pages.shape[2], attention_factor=rope_factor,
+                    eps=self.norm_eps, **scales,
+                )  # fmt: skip
+                cache = cache._replace(k_pages=k_pages, v_pages=v_pages)
+                return attend(q0[None], None, None, positions, cache, self.spec, scale=h**-0.5)
+
+            in_specs = ([P(None, "tensor")] * len(parts), P(), P(), _paged_cache_spec(cache))
+            run = tensor_sharded(write_and_attend, self.mesh, in_specs, (heads, _paged_cache_spec(cache)))
+            out, cache = run(parts, scales, positions, cache)
         else:
             q, key, value = (proj(x).reshape(b, t, -1, h) for proj in projections)
             if self.qk_norm:
@@ -200,10 +229,14 @@ class Attention(nn.Module):
                 key = RMSNorm(self.norm_eps, self.dtype, name="k_norm")(key)
             q = apply_rope(q, positions, inv_freq, rope_factor)
             key = apply_rope(key, positions, inv_freq, rope_factor)
-            out, cache = attend(q, key, value, positions, cache, self.spec, scale=h**-0.5)
+            run = functools.partial(attend, spec=self.spec, scale=h**-0.5)
+            if paged_kernels:  # kv_write and the paged attention kernels
+                in_specs = (heads, heads, heads, P(), _paged_cache_spec(cache))
+                run = tensor_sharded(run, self.mesh, in_specs, (heads, _paged_cache_spec(cache)))
+            out, cache = run(q, key, value, positions, cache)
         out = out.reshape(b, t, n * h)
         o_proj = dense(d, "o_proj", self.o_bias, self.dtype)
-        split = split_output and self.spec.impl == "pallas" and self.kernel_projections and not self.o_bias
+        split = split_output and self.spec.impl == "pallas" and tensor == 1 and not self.o_bias
         if split and decode_matmul_fits(b * t, n * h, (d,)) and rms_norm_fits(d):
             weight, _ = o_proj(out, weights_only=True)
             return SplitSum(decode_matmul(out.reshape(b * t, n * h), (weight,), sum_splits=False)), cache

@@ -50,7 +50,7 @@ class DecoderLayer(nn.Module):
             qk_norm=c.qk_norm,
             norm_eps=c.rms_norm_eps,
             dtype=self.dtype,
-            kernel_projections=self.mesh is None or self.mesh.shape["tensor"] == 1,
+            mesh=self.mesh,
             name="attn",
         )
         kernel = c.attention_impl == "pallas"  # the GPU kernels' mode

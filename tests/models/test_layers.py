@@ -123,16 +123,16 @@ def test_decoder_layer_kernels_equal_xla(monkeypatch):
     np.testing.assert_allclose(np.asarray(outs["pallas"]), np.asarray(outs["xla"]), atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("kernel_projections", [True, False])
-def test_sharded_projections_stay_xla_gemms(kernel_projections):
-    """kernel_projections=False (weights sharded over devices): no `decode_matmul`, and the o
-    projection comes back whole even when a split output is asked for."""
-    module = Attention(8, 2, 32, AttentionSpec(impl="pallas"), RopeConfig(theta=10000.0),
-                       kernel_projections=kernel_projections)
+@pytest.mark.parametrize("tensor", [1, 2])
+def test_tensor_parallel_projections_stay_xla_gemms(tensor):
+    """Over a `tensor` mesh axis of several devices (weights sharded): no `decode_matmul`, and the
+    o projection comes back whole even when a split output is asked for."""
+    mesh = jax.sharding.AbstractMesh((1, 1, tensor), ("data", "expert", "tensor"))
+    module = Attention(8, 2, 32, AttentionSpec(impl="pallas"), RopeConfig(theta=10000.0), mesh=mesh)
     x = jnp.ones((1, 1, 64), jnp.float32)
     pos = jnp.zeros((1, 1), jnp.int32)
     params = jax.eval_shape(module.init, jax.random.key(0), x, pos, None)
     out = jax.eval_shape(lambda p: module.apply(p, x, pos, None, split_output=True)[0], params)
     jaxpr = jax.make_jaxpr(lambda p: module.apply(p, x, pos, None, split_output=True)[0])(params)
-    assert isinstance(out, layers.SplitSum) == kernel_projections
-    assert any(e.params.get("name") == "decode_matmul" for e in jaxpr.eqns) == kernel_projections
+    assert isinstance(out, layers.SplitSum) == (tensor == 1)
+    assert any(e.params.get("name") == "decode_matmul" for e in jaxpr.eqns) == (tensor == 1)
