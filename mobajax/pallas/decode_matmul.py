@@ -53,25 +53,17 @@ class DecodeMatmulConfig:
     num_stages: int = 5
 
     def __post_init__(self):
-        for name in ("block_n", "splits", "chunk"):
-            value = getattr(self, name)
-            if value is None and name == "splits":
-                continue
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two, got {value}")
         for name in ("block_n", "chunk"):
-            if getattr(self, name) < MMA_ROWS:
-                raise ValueError(f"{name} must be at least {MMA_ROWS}, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not osm.is_power_of_two(value) or value < MMA_ROWS:
+                raise ValueError(f"{name} must be a power of two >= {MMA_ROWS}, got {value}")
+        if self.splits is not None and not osm.is_power_of_two(self.splits):
+            raise ValueError(f"splits must be a power of two or None, got {self.splits}")
 
 
 def fits(rows: int, k: int, widths: Sequence[int]) -> bool:
     """Whether the kernel takes `rows` rows, contraction K and output widths N_i."""
     return 1 <= rows <= MMA_ROWS and all(n % MMA_ROWS == 0 for n in (k, *widths))
-
-
-def _fit(block: int, dim: int) -> int:
-    """The largest power of two <= block dividing dim."""
-    return min(block, dim & -dim)
 
 
 def _kernel(x_ref, *refs, bounds, chunk):
@@ -132,11 +124,11 @@ def decode_matmul(
         raise ValueError(
             f"decode_matmul takes 1..{MMA_ROWS} rows and K, N_i multiples of {MMA_ROWS}, got M={m}, K={k}, N={widths}"
         )
-    block_n = functools.reduce(_fit, widths, config.block_n)
+    block_n = functools.reduce(osm.fit_block, widths, config.block_n)
     blocks = sum(widths) // block_n
     splits = config.splits or (1 if blocks >= MIN_BLOCKS else osm.next_power_of_two(-(-MIN_PROGRAMS // blocks)))
-    splits = _fit(splits, k // MMA_ROWS)
-    chunk = _fit(config.chunk, k // splits)
+    splits = osm.fit_block(splits, k // MMA_ROWS)
+    chunk = osm.fit_block(config.chunk, k // splits)
     bounds = (0, *itertools.accumulate(n // block_n for n in widths))
     out_dtype = x.dtype if splits == 1 and sum_splits else jnp.float32
     whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))  # noqa: E731

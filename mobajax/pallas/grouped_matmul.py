@@ -34,6 +34,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from mobajax.pallas import online_softmax as osm
+
 
 @dataclasses.dataclass(frozen=True)
 class GroupedMatmulConfig:
@@ -90,7 +92,7 @@ def _check(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> None:
 
 def _fit(block: int, dim: int, what: str) -> int:
     """The largest power of two <= block dividing dim (>= 16)."""
-    fit = min(block, dim & -dim)
+    fit = osm.fit_block(block, dim)
     if fit < 16:
         raise ValueError(f"{what}={dim} must be a multiple of 16 for the grouped matmul kernel")
     return fit

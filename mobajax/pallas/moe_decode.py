@@ -34,6 +34,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from mobajax.pallas import online_softmax as osm
+
 MMA_ROWS = 16  # the smallest M of a tensor-core dot; row 0 holds the one real row
 
 
@@ -68,14 +70,9 @@ def fits(d: int, f: int) -> bool:
     return d % MMA_ROWS == 0 and f % MMA_ROWS == 0
 
 
-def _fit(block: int, dim: int) -> int:
-    """The largest power of two <= block dividing dim."""
-    return min(block, dim & -dim)
-
-
 def _split(splits: int, dim: int) -> int:
     """Splits of dim (a power of two <= splits) leaving whole 16-row multiples per split."""
-    return _fit(splits, dim // MMA_ROWS)
+    return osm.fit_block(splits, dim // MMA_ROWS)
 
 
 def _one_row(v: jax.Array, dtype) -> jax.Array:
@@ -194,10 +191,10 @@ def moe_gate_up(x, experts, gate, up, *, config: MoeDecodeConfig, interpret: boo
     n, d = x.shape
     p = experts.shape[0]
     f = gate.shape[2]
-    bf, splits = _fit(config.block_f, f), _split(config.splits, d)
+    bf, splits = osm.fit_block(config.block_f, f), _split(config.splits, d)
     partial = jax.ShapeDtypeStruct((p, splits, f), jnp.float32)
     return pl.pallas_call(
-        functools.partial(gate_up_kernel, top_k=p // n, chunk=_fit(config.chunk, d // splits)),
+        functools.partial(gate_up_kernel, top_k=p // n, chunk=osm.fit_block(config.chunk, d // splits)),
         grid=(p, f // bf, splits),
         in_specs=[
             _whole((p,)),
@@ -218,9 +215,9 @@ def moe_down(h, experts, weights, down, *, config: MoeDecodeConfig, interpret: b
     y [P, S, D] float32 with sum_s y[p, s] = weights[p] * h[p] @ down[experts[p]]."""
     p, f = h.shape
     e, _, d = down.shape
-    bd, splits = _fit(config.block_d, d), _split(config.down_splits, f)
+    bd, splits = osm.fit_block(config.block_d, d), _split(config.down_splits, f)
     return pl.pallas_call(
-        functools.partial(down_kernel, chunk=_fit(config.chunk, f // splits)),
+        functools.partial(down_kernel, chunk=osm.fit_block(config.chunk, f // splits)),
         grid=(p, d // bd, splits),
         in_specs=[
             _whole((p,)),

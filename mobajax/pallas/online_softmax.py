@@ -30,6 +30,11 @@ def next_power_of_two(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+def fit_block(block: int, dim: int) -> int:
+    """The largest power of two <= block (a power of two) dividing dim: a tile size shrunk to fit."""
+    return min(block, dim & -dim)
+
+
 def init_state(rows: int, head_dim: int):
     """Empty state for `rows` query rows: (o [M, H], m [M], l [M]), all float32."""
     o = jnp.zeros((rows, head_dim), jnp.float32)

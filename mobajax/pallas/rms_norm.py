@@ -96,7 +96,7 @@ def add_rms_norm(
     if residual.ndim != 2 or scale.shape != (residual.shape[1],):
         raise ValueError(f"residual must be [M, D] and scale [D], got {residual.shape} and {scale.shape}")
     m, d = residual.shape
-    if update.shape not in ((m, d),) and not (update.ndim == 3 and update.shape[::2] == (m, d)):
+    if update.shape != (m, d) and not (update.ndim == 3 and update.shape[::2] == (m, d)):
         raise ValueError(f"update must be [M={m}, D={d}] or partial sums [M, S, D], got {update.shape}")
     update = update.reshape(-1, d)  # [M * S, D]: row r's partial sums are rows r * S .. r * S + S - 1
     return tuple(_call((update, residual, scale.astype(residual.dtype)), m, d, residual.dtype, eps, True, interpret))

@@ -71,9 +71,9 @@ def test_bad_arguments_are_named():
         decode_matmul(jnp.zeros((17, 64)), weights)
     with pytest.raises(ValueError, match=r"N=\[24\]"):
         decode_matmul(x, [jnp.zeros((64, 24))])
-    with pytest.raises(ValueError, match=r"block_n must be at least 16, got 8"):
+    with pytest.raises(ValueError, match=r"block_n must be a power of two >= 16, got 8"):
         DecodeMatmulConfig(block_n=8)
-    with pytest.raises(ValueError, match=r"splits must be a power of two, got 3"):
+    with pytest.raises(ValueError, match=r"splits must be a power of two or None, got 3"):
         DecodeMatmulConfig(splits=3)
 
 
