@@ -153,22 +153,24 @@ def pass_stages(q, k, v, block, top_k, config, reps, interpret=False) -> dict:
     step = min(s, ma.pass_tokens(tiles, n, ma.num_slots(top_k, k.shape[0], block), h, q.dtype.itemsize))
     qt, pos = q[s - step:], jnp.arange(s - step, s, dtype=jnp.int32)
     st = ma._Static(block, top_k, 1 / math.sqrt(h), config, interpret)
+    use_mosaic = ma.use_mosaic(st, qt, one_sequence=True)
     layout = ma._prepare(qt, k, v, block, top_k, None, None, pos)
     select = jax.jit(lambda q, k: ma._select(st, q, k, layout))
     sel = select(qt, k)
     past = sel[..., 1:]
 
     def finish(sel):
-        return jax.jit(lambda q, k, v, o, lse: ma.finish(
-            q, k, v, layout.token_pos, layout.token_own, sel, layout, o, lse, scale=st.scale,
+        return jax.jit(lambda q, k, v, partials: ma.finish(
+            q, k, v, layout.token_pos, layout.token_own, sel, layout, partials, scale=st.scale,
             config=tiles, interpret=interpret))  # fmt: skip
 
     none = jnp.zeros((1, h), q.dtype), jnp.zeros((1,), jnp.float32)
     own = finish(sel[..., :1])
-    own_s = _time(lambda: own(qt, k, v, *none).block_until_ready(), reps)
+    own_s = _time(lambda: own(qt, k, v, none).block_until_ready(), reps)
     stages = {
         "pass_tokens": step,
         "passes": -(-s // step),
+        "past_kernel": "mosaic" if use_mosaic else "triton",
         "gate_pass_s": _time(lambda: select(qt, k).block_until_ready(), reps),
         "work_list_s": 0.0,  # top_k 1: no past chunks, nothing to merge
         "past_partials_s": 0.0,
@@ -176,16 +178,17 @@ def pass_stages(q, k, v, block, top_k, config, reps, interpret=False) -> dict:
         "own_chunk_only_s": own_s,
     }
     if past.shape[-1]:
-        wl = jax.jit(lambda past: ma.work_list(past, k.shape[1], layout.chunk_len.shape[0], tiles.block_q))
+        rows = ma.work_rows(tiles, use_mosaic)
+        wl = jax.jit(lambda past: ma.work_list(past, k.shape[1], layout.chunk_len.shape[0], rows))
         work = wl(past)
-        part = jax.jit(lambda q, k, v, work: ma.attention_partials(
-            q, k, v, work, layout, slots=past.shape[-1], scale=st.scale, config=tiles,
-            interpret=interpret))  # fmt: skip
-        o, lse = part(qt, k, v, work)
+        part = jax.jit(lambda q, k, v, work: ma.past_partials(
+            q, k, v, work, layout, slots=past.shape[-1], block_size=block, scale=st.scale,
+            config=tiles, interpret=interpret, use_mosaic=use_mosaic))  # fmt: skip
+        partials = part(qt, k, v, work)
         fin = finish(sel)
         stages["work_list_s"] = _time(lambda: jax.block_until_ready(wl(past)), reps)
         stages["past_partials_s"] = _time(lambda: jax.block_until_ready(part(qt, k, v, work)), reps)
-        stages["own_chunk_and_merge_s"] = _time(lambda: fin(qt, k, v, o, lse).block_until_ready(), reps)
+        stages["own_chunk_and_merge_s"] = _time(lambda: fin(qt, k, v, partials).block_until_ready(), reps)
     return stages
 
 

@@ -35,6 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mobajax import moba as moba_ref
+from mobajax.pallas import moba_partials_mosaic as mosaic
 from mobajax.pallas import online_softmax as osm
 from mobajax.pallas.moba_gate import (
     MAX_CHUNKS,
@@ -62,6 +63,9 @@ class MobaConfig:
     kernels. The defaults are the best
     of the H100 sweeps in docs/benchmarks.md at block sizes 512 and 4096. max_partial_bytes: partial
     outputs (q's dtype) held at once; longer inputs run in several passes over the tokens.
+    partials: the past-chunk kernel: "triton", "mosaic" (`moba_partials_mosaic`: a Hopper GPU, one
+    sequence, 16-bit inputs, head dim 128, block sizes a multiple of 64), or "auto" (mosaic where
+    it runs, else triton).
     """
 
     block_q: int = 256
@@ -72,6 +76,7 @@ class MobaConfig:
     gate_num_warps: int = 4
     gate_scores: int = 16384
     max_partial_bytes: int = 2**33
+    partials: str = "auto"
 
     def __post_init__(self):
         for name in ("block_q", "block_k", "gate_block_q", "gate_scores"):
@@ -83,6 +88,8 @@ class MobaConfig:
                 raise ValueError(
                     f"MobaConfig.{name}={getattr(self, name)}: must be 1, 2, 4, 8 or 16"
                 )
+        if self.partials not in ("auto", "triton", "mosaic"):
+            raise ValueError(f"MobaConfig.partials={self.partials!r}: must be 'auto', 'triton' or 'mosaic'")
         if self.num_stages < 1 or self.max_partial_bytes < 1:
             raise ValueError(
                 f"num_stages={self.num_stages}, max_partial_bytes={self.max_partial_bytes}:"
@@ -262,20 +269,22 @@ def moba_finish_kernel(
     first_ref,  # [T] int32: index in k of the token's first own-chunk key (padding: int32 max)
     last_ref,  # [T] int32: index in k of the last key the token sees (padding: -1)
     sel_ref,  # [T * N, J] int32: slot 0 the own chunk, 1.. the past chunks (-1: empty)
-    o_ref,  # [R' + P, H]: normalised past-chunk partials (`partial_row` order), R' = T*N*(J-1)
-    lse_ref,  # [R' + P] float32, natural log
-    k_ref,  # [S, K, H]
-    v_ref,  # [S, K, H]
-    out_ref,  # [T * N, H] (out)
-    *,
+    o_ref,  # [R' + P, H] or [W, H]: normalised past-chunk partials, R' = T*N*(J-1)
+    lse_ref,  # [R' + P] or [W] float32, natural log
+    *refs,  # (index [R' + P] int32,) if indexed; k [S, K, H]; v [S, K, H]; out [T * N, H] (out)
     rows: int,
     group: int,
     block_k: int,
     scale: float,
+    indexed: bool,
 ):
     """A tile of rows // group tokens x the `group` query heads of kv head h (row r: token
     r // group, head h * group + r % group): attention over each row's own chunk up to its
-    position, starting from the row's past-chunk partials merged by their log-sum-exps."""
+    position, starting from the row's past-chunk partials merged by their log-sum-exps.
+
+    The partials are in `partial_row` order, or (indexed) at the rows of o/lse that index gives
+    for each `partial_row` position."""
+    *index_ref, k_ref, v_ref, out_ref = refs
     i, h = pl.program_id(0), pl.program_id(1)
     num_tokens = first_ref.shape[0]
     num_heads = q_ref.shape[0] // num_tokens
@@ -320,8 +329,13 @@ def moba_finish_kernel(
         # this tile's rows of slot j are consecutive (`partial_row`); rows of empty slots and
         # past the last token were never written, so they are masked after the load
         base = partial_row(first_tn, j, num_tokens, num_heads, k_ref.shape[1])
-        part = plgpu.load(o_ref.at[pl.ds(base, rows), :]).astype(jnp.float32)
-        lse = plgpu.load(lse_ref.at[pl.ds(base, rows)])
+        if indexed:
+            at = plgpu.load(index_ref[0].at[pl.ds(base, rows)])
+            part = plgpu.load(gather_rows(o_ref, at)).astype(jnp.float32)
+            lse = plgpu.load(lse_ref.at[at])
+        else:
+            part = plgpu.load(o_ref.at[pl.ds(base, rows), :]).astype(jnp.float32)
+            lse = plgpu.load(lse_ref.at[pl.ds(base, rows)])
         state = osm.merge(state, jnp.where(valid[:, None], part, 0.0), jnp.where(valid, lse, -jnp.inf))
     state = jax.lax.fori_loop(0, clear_lo, masked_step, state)
     state = jax.lax.fori_loop(clear_lo, clear_hi, clear_step, state)
@@ -342,17 +356,18 @@ def own_key_range(pos, own, layout):
     return jnp.where(live, first, jnp.iinfo(jnp.int32).max), jnp.where(live, last, -1)
 
 
-def finish(q, k, v, pos, own, sel, layout, o, lse, *, scale, config, interpret):
-    """Own-chunk attention plus the merge of the past-chunk partials (o [R' + P, H], lse [R' + P]
-    from `attention_partials` over sel[..., 1:]) -> out [T, N, H] in q's dtype; pos, own [T]:
-    the tokens' positions and own chunk ids."""
+def finish(q, k, v, pos, own, sel, layout, partials, *, scale, config, interpret):
+    """Own-chunk attention plus the merge of the past-chunk partials (`past_partials` over
+    sel[..., 1:]) -> out [T, N, H] in q's dtype; pos, own [T]: the tokens' positions and own
+    chunk ids."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
     rows = finish_rows(config, group)
     kernel = functools.partial(
-        moba_finish_kernel, rows=rows, group=group, block_k=config.block_k, scale=scale
-    )
+        moba_finish_kernel, rows=rows, group=group, block_k=config.block_k, scale=scale,
+        indexed=len(partials) == 3,
+    )  # fmt: skip
     out = pl.pallas_call(
         kernel,
         grid=(pl.cdiv(num_tokens, rows // group), num_kv_heads),
@@ -364,25 +379,70 @@ def finish(q, k, v, pos, own, sel, layout, o, lse, *, scale, config, interpret):
         name="moba_finish",
     )(
         q.reshape(-1, head_dim), *own_key_range(pos, own, layout), sel.reshape(-1, sel.shape[-1]),
-        o, lse, k, v,
+        *partials, k, v,
     )  # fmt: skip
     return out.reshape(num_tokens, num_heads, head_dim)
 
 
-def _attend_pass(q, k, v, pos, own, sel, layout, *, scale, config, interpret):
+def mosaic_partials(q, k, v, work, layout, *, slots, block_size, scale, config):
+    """`attention_partials` by the Mosaic GPU kernel: (o, lse) in tile order and the index
+    [R + P] of each `partial_row` position in them (P: the finish tile's rows under config).
+    work: `work_list` of `moba_partials_mosaic.ROWS` rows; k/v chunks must start at multiples of
+    64 keys (one sequence)."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    bucket, _, size, _ = work
+    src, row = mosaic.tile_rows(work, slots)
+    page = mosaic.BLOCK_KV
+    keys = k.shape[0] // page * page  # past chunks end at or before the last whole page
+
+    def pages(x):
+        return x[:keys].reshape(-1, page, num_kv_heads, head_dim)
+
+    o, lse = mosaic.attention_partials_mosaic(
+        q.reshape(-1, head_dim), pages(k), pages(v), src, layout.chunk_start[bucket // num_kv_heads] // page,
+        bucket % num_kv_heads, jnp.sum(size > 0, dtype=jnp.int32)[None],
+        steps=block_size // page, scale=scale, config=mosaic.MobaMosaicConfig(),
+    )  # fmt: skip
+    rows = num_tokens * num_heads * slots + finish_rows(config, num_heads // num_kv_heads)
+
+    def partial_row_of(r):
+        return partial_row(r // slots, r % slots, num_tokens, num_heads, num_kv_heads)
+
+    return o, lse, mosaic.partials_index(row, partial_row_of, rows)
+
+
+def work_rows(config: MobaConfig, use_mosaic: bool) -> int:
+    """Rows per work-list tile of the past-chunk kernel."""
+    return mosaic.ROWS if use_mosaic else config.block_q
+
+
+def past_partials(q, k, v, work, layout, *, slots, block_size, scale, config, interpret, use_mosaic):
+    """The past-chunk partials of a `work_list` (of `work_rows` rows) for `finish`: (o, lse) in
+    `partial_row` order (Triton) or (o, lse, index) (Mosaic)."""
+    if use_mosaic:
+        return mosaic_partials(
+            q, k, v, work, layout, slots=slots, block_size=block_size, scale=scale, config=config
+        )
+    return attention_partials(
+        q, k, v, work, layout, slots=slots, scale=scale, config=config, interpret=interpret
+    )
+
+
+def _attend_pass(q, k, v, pos, own, sel, layout, *, st, config):
     """Attention of a run of tokens q [T, N, H] (positions pos [T], own chunks own [T]) over
     their selected chunks -> [T, N, H]: the past chunks bucketed into partials, then the own
     chunk and the merge in one kernel."""
     past = sel[..., 1:]
     if past.shape[-1]:
-        work = work_list(past, k.shape[1], layout.chunk_len.shape[0], config.block_q)
-        o, lse = attention_partials(
-            q, k, v, work, layout, slots=past.shape[-1], scale=scale, config=config,
-            interpret=interpret,
+        work = work_list(past, k.shape[1], layout.chunk_len.shape[0], work_rows(config, st.mosaic))
+        partials = past_partials(
+            q, k, v, work, layout, slots=past.shape[-1], block_size=st.block_size, scale=st.scale,
+            config=config, interpret=st.interpret, use_mosaic=st.mosaic,
         )  # fmt: skip
     else:  # top_k 1: the own chunk only
-        o, lse = jnp.zeros((1, q.shape[-1]), q.dtype), jnp.zeros((1,), jnp.float32)
-    return finish(q, k, v, pos, own, sel, layout, o, lse, scale=scale, config=config, interpret=interpret)
+        partials = jnp.zeros((1, q.shape[-1]), q.dtype), jnp.zeros((1,), jnp.float32)
+    return finish(q, k, v, pos, own, sel, layout, partials, scale=st.scale, config=config, interpret=st.interpret)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,6 +452,7 @@ class _Static:
     scale: float
     config: MobaConfig
     interpret: bool
+    mosaic: bool = False  # the past-chunk partials by `moba_partials_mosaic`
 
 
 def num_slots(top_k: int, num_keys: int, block_size: int) -> int:
@@ -443,7 +504,7 @@ def _forward(st: _Static, q, k, v, layout):
         outs.append(
             _attend_pass(
                 q[t0:t1], k, v, layout.token_pos[t0:t1], layout.token_own[t0:t1], sel[t0:t1], layout,
-                scale=st.scale, config=config, interpret=st.interpret,
+                st=st, config=config,
             )  # fmt: skip
         )
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
@@ -542,7 +603,24 @@ def moba_attention(
     """
     layout = _prepare(q, k, v, block_size, top_k, cu_seqlens_q, cu_seqlens_k, q_positions)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _moba(_Static(block_size, top_k, scale, config, interpret), q, k, v, layout)
+    st = _Static(block_size, top_k, scale, config, interpret)
+    st = dataclasses.replace(st, mosaic=use_mosaic(st, q, one_sequence=cu_seqlens_k is None))
+    return _moba(st, q, k, v, layout)
+
+
+def use_mosaic(st: _Static, q: jax.Array, *, one_sequence: bool) -> bool:
+    """Whether the past-chunk partials go to the Mosaic kernel (config.partials; "mosaic" where
+    it cannot run is an error)."""
+    choice = st.config.partials
+    runs = one_sequence and not st.interpret and mosaic.fits(q, st.block_size)
+    if choice == "mosaic" and not runs:
+        raise ValueError(
+            "MobaConfig.partials='mosaic' needs a Hopper GPU, one sequence (no cu_seqlens), bf16 or"
+            f" f16, head dim 128 and a block size that is a multiple of 64; got {q.dtype},"
+            f" head dim {q.shape[-1]}, block size {st.block_size}, one sequence: {one_sequence},"
+            f" interpret: {st.interpret}. Use partials='auto' or 'triton'."
+        )
+    return choice != "triton" and runs
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "top_k", "config", "interpret"))
