@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-MAX_CHUNKS = 8192  # the gate keeps one [tile, Cp] score block in registers
+MAX_CHUNKS = 8192  # chunk ids of a batch: gate tiles shrink as Cp grows (rows x Cp <= max_scores)
 
 
 def gather_rows(ref, rows, *middle):
@@ -151,9 +151,17 @@ def moba_gate_kernel(
     rows: int,
     group: int,
     picks: int,
+    block_c: int,
 ):
     """A tile of `rows // group` tokens x the `group` query heads of kv head h: row r is the
-    tile's token r // group, head h * group + r % group (rows past the last whole token: no writes)."""
+    tile's token r // group, head h * group + r % group (rows past the last whole token: no writes).
+
+    The pooled keys are scored block_c chunks at a time, only the blocks that hold a candidate of
+    one of the tile's rows (from its smallest lo to its largest own): a causal tile skips the
+    chunks past its own. Each row holds its best P >= picks (score, id) pairs so far, unordered,
+    ranked as by one argmax over all chunks (higher score, then lower id): each of a block's best
+    `picks`, best first, replaces the worst pair held where it ranks above it. Ties keep the pair
+    held, whose id is lower (an earlier block, or an earlier pick of the same block)."""
     *kbar_refs, sel_ref = refs
     h = pl.program_id(1)
     num_tokens = own_ref.shape[0]
@@ -162,25 +170,53 @@ def moba_gate_kernel(
     tok, head, used = kv_head_tile(rows, group)
     live = tok < num_tokens
     safe = jnp.minimum(tok, num_tokens - 1)
+    own = jnp.where(live, plgpu.load(own_ref.at[safe]), -1)
+    out = tok * num_heads + head  # row of (token, head) in sel
+    plgpu.store(sel_ref.at[out, jnp.int32(0)], own, mask=used)
+    if not picks:
+        return
     q = plgpu.load(gather_rows(q_ref, safe * num_heads + head))  # [rows, H]
     # float32 q: one dot at full precision; 16-bit q: q . hi + q . lo, accumulated in float32
     precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    s = plgpu.dot(q, kbar_refs[0][h], trans_b=True, precision=precision)  # [rows, Cp]
-    for ref in kbar_refs[1:]:
-        s += plgpu.dot(q, ref[h], trans_b=True)
-    own = jnp.where(live, plgpu.load(own_ref.at[safe]), -1)
     lo = plgpu.load(lo_ref.at[safe])
-    cid = jnp.arange(num_padded)[None, :]
-    s = jnp.where((cid >= lo[:, None]) & (cid < own[:, None]), s, -jnp.inf)
-    out = tok * num_heads + head  # row of (token, head) in sel
-    plgpu.store(sel_ref.at[out, jnp.int32(0)], own, mask=used)
-    candidates = own - lo  # the chunks lo .. own - 1 (padding: none)
-    for j in range(1, picks + 1):
-        # one reduction per pick: the best score's chunk, the lowest id among equal scores
-        idx = jnp.argmax(s, axis=1).astype(jnp.int32)
-        plgpu.store(sel_ref.at[out, jnp.int32(j)], jnp.where(j <= candidates, idx, -1), mask=used)
-        if j < picks:
+    has = used & (own > lo)  # rows with candidates: the chunks lo .. own - 1
+    first = jnp.min(jnp.where(has, lo, num_padded)) // block_c
+    last = pl.cdiv(jnp.max(jnp.where(has, own, 0)), block_c)
+
+    def block(b, held):
+        """held (scores [rows, P], ids [rows, P]) with chunks b * block_c + [0, block_c)."""
+        scores, ids = held
+        c0 = pl.multiple_of(b * block_c, block_c)
+        chunks = pl.ds(c0, block_c)
+        s = plgpu.dot(q, kbar_refs[0][h, chunks], trans_b=True, precision=precision)
+        for ref in kbar_refs[1:]:
+            s += plgpu.dot(q, ref[h, chunks], trans_b=True)  # [rows, block_c]
+        cid = c0 + jnp.arange(block_c)[None, :]
+        s = jnp.where((cid >= lo[:, None]) & (cid < own[:, None]), s, -jnp.inf)
+        for _ in range(min(picks, block_c)):
+            # the block's best left (the lowest id among equal scores) ...
+            top = jnp.max(s, axis=1)
+            idx = jnp.min(jnp.where(s == top[:, None], cid, num_padded), axis=1)
             s = jnp.where(cid == idx[:, None], -jnp.inf, s)
+            # ... replaces the worst pair held (lowest score, then highest id) if it scores higher
+            low = jnp.min(scores, axis=1)
+            worst = jnp.max(jnp.where(scores == low[:, None], ids, -1), axis=1)
+            swap = (ids == worst[:, None]) & (top > low)[:, None]
+            scores = jnp.where(swap, top[:, None], scores)
+            ids = jnp.where(swap, idx[:, None], ids)
+        return scores, ids
+
+    # no pairs yet: scores -inf, distinct ids past every chunk
+    width = pl.next_power_of_2(picks)  # P
+    slot = jnp.broadcast_to(jnp.arange(width)[None, :], (rows, width))
+    none = (jnp.full((rows, width), -jnp.inf, jnp.float32), num_padded + slot)
+    scores, ids = jax.lax.fori_loop(first, last, block, none)
+    for j in range(1, picks + 1):  # best first; -1 past the candidates (score -inf)
+        top = jnp.max(scores, axis=1)
+        idx = jnp.min(jnp.where(scores == top[:, None], ids, num_padded + width), axis=1)
+        plgpu.store(sel_ref.at[out, jnp.int32(j)], jnp.where(top > -jnp.inf, idx, -1), mask=used)
+        if j < picks:
+            scores = jnp.where(ids == idx[:, None], -jnp.inf, scores)
 
 
 def chunk_means_pallas(
@@ -224,12 +260,14 @@ def select_chunks_pallas(
     max_scores: int,
     interpret: bool,
     num_warps: int,
+    block_c: int = 64,
 ) -> jax.Array:
     """Global chunk ids [T, N, slots] int32: own chunk, then the best candidates, -1 past them.
 
     kbar: `chunk_means_pallas` of q's dtype. A program scores block_q tokens x the N / K heads of
-    one kv head, fewer tokens where the [rows, Cp] score tile or the [rows, H] query tile would
-    pass max_scores elements (at least 16 rows, the smallest dot, and one token).
+    one kv head, fewer tokens where rows x Cp or the [rows, H] query tile would pass max_scores
+    elements (at least 16 rows, the smallest dot, and one token), against block_c chunks at a time
+    (a power of two >= 16, at most Cp), only the blocks that hold candidates of its tokens.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, padded, _ = kbar[0].shape
@@ -239,7 +277,9 @@ def select_chunks_pallas(
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         q = q.astype(jnp.float32)
     tiles = pl.cdiv(num_tokens, rows // group)
-    kernel = functools.partial(moba_gate_kernel, rows=rows, group=group, picks=slots - 1)
+    kernel = functools.partial(
+        moba_gate_kernel, rows=rows, group=group, picks=slots - 1, block_c=min(block_c, padded)
+    )
     sel = pl.pallas_call(
         kernel,
         grid=(tiles, num_kv_heads),

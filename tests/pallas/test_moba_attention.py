@@ -20,6 +20,7 @@ from mobajax.pallas.moba_attention import (
     moba_select,
     partial_row,
 )
+from mobajax.pallas.moba_gate import chunk_means_pallas, moba_layout, select_chunks_pallas
 from tests.pallas.conftest import assert_close
 
 F32, BF16 = jnp.float32, jnp.bfloat16
@@ -163,6 +164,41 @@ def test_gate_tiles_of_all_heads_of_a_kv_head(t, s, n, kv, block, config, dtype)
     sel = moba_select(q, k, block_size=block, top_k=4, config=config, interpret=True)
     want = moba_selected_chunks(q, k, block_size=block, top_k=4)
     np.testing.assert_array_equal(np.asarray(sel), np.asarray(want))
+
+
+# top_k, block_c, dtype: gate programs scoring 16 .. 256 chunks at a time (Cp 256), 2 .. 39 picks
+@pytest.mark.parametrize(
+    "top_k,block_c,dtype", [(3, 16, F32), (12, 16, BF16), (12, 64, F32), (40, 256, F32)]
+)
+def test_gate_skips_chunk_blocks_past_every_candidate(top_k, block_c, dtype):
+    # 246 chunks of 4 keys in 3 sequences (one empty) and tokens at scattered positions: 16-token
+    # tiles whose candidates span from one chunk block to all of them, across sequences
+    block, n, kv = 4, 8, 2
+    cu_q = jnp.array([0, 48, 48, 90, 170], jnp.int32)
+    cu_k = jnp.array([0, 300, 300, 450, 980], jnp.int32)
+    q, k, _ = _qkv(top_k + block_c, 180, 980, n, kv, 16, dtype)  # tokens 170..179: padding
+    rng = np.random.default_rng(block_c)
+    pos = np.zeros(180, np.int32)
+    for b in range(4):
+        lo, hi = int(cu_q[b]), int(cu_q[b + 1])
+        pos[lo:hi] = np.sort(rng.choice(int(cu_k[b + 1] - cu_k[b]), hi - lo, replace=False))
+    pos = jnp.asarray(pos)
+    args = dict(block_size=block, top_k=top_k, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, q_positions=pos)
+    layout = moba_layout(cu_q, cu_k, pos, 180, 980, block)
+    kbar = chunk_means_pallas(k, layout, dtype=q.dtype, block_k=16, interpret=True, num_warps=4)
+    assert kbar[0].shape[1] == 256
+    sel = select_chunks_pallas(q, kbar, layout, slots=top_k, block_q=16, max_scores=16384,
+                               interpret=True, num_warps=4, block_c=block_c)  # fmt: skip
+    sel = np.asarray(jnp.where(sel >= 0, sel - layout.token_lo[:, None, None], -1))
+    np.testing.assert_array_equal(
+        sel, np.asarray(moba_select(q, k, **args, config=SMALL, interpret=True))
+    )
+    for b in (0, 2, 3):
+        lo, hi, klo, khi = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
+        ref = moba_selected_chunks(q[lo:hi], k[klo:khi], block_size=block, top_k=top_k,
+                                   q_positions=pos[lo:hi])  # fmt: skip
+        np.testing.assert_array_equal(sel[lo:hi], np.asarray(ref), err_msg=f"seq {b}")
+    assert (sel[170:] == -1).all()
 
 
 @pytest.mark.parametrize("dtype,n", [(BF16, 8), (F32, 6)])
