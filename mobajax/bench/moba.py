@@ -338,6 +338,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--gate-block-q", type=int, default=0)
     ap.add_argument("--gate-num-warps", type=int, default=0)
     ap.add_argument("--gate-scores", type=int, default=0, help="MobaConfig.gate_scores (0: default)")
+    ap.add_argument("--partials", default="auto", choices=["auto", "triton", "mosaic"],
+                    help="MobaConfig.partials: the past-chunk kernel")  # fmt: skip
     args = ap.parse_args(argv)
     names = [c for c in args.cases.split(",") if c]
     bad = [c for c in names if c not in CASES]
@@ -360,7 +362,7 @@ def main(argv: list[str]) -> int:
     from mobajax.pallas.moba_attention import MobaConfig
 
     knobs = ("block_q", "block_k", "num_warps", "num_stages", "gate_block_q", "gate_num_warps", "gate_scores")
-    config = MobaConfig(**{x: getattr(args, x) for x in knobs if getattr(args, x)})
+    config = MobaConfig(**{x: getattr(args, x) for x in knobs if getattr(args, x)}, partials=args.partials)
     matmul = matmul_rate()
     rows = []
     for name in names:

@@ -65,7 +65,7 @@ class MobaConfig:
     outputs (q's dtype) held at once; longer inputs run in several passes over the tokens.
     partials: the past-chunk kernel: "triton", "mosaic" (`moba_partials_mosaic`: a Hopper GPU, one
     sequence, 16-bit inputs, head dim 128, block sizes a multiple of 64), or "auto" (mosaic where
-    it runs, else triton).
+    it runs and the block size is at most `moba_partials_mosaic.AUTO_MAX_BLOCK`, else triton).
     """
 
     block_q: int = 256
@@ -613,6 +613,8 @@ def use_mosaic(st: _Static, q: jax.Array, *, one_sequence: bool) -> bool:
     it cannot run is an error)."""
     choice = st.config.partials
     runs = one_sequence and not st.interpret and mosaic.fits(q, st.block_size)
+    if choice == "auto":  # Mosaic where it was measured faster: short chunks (docs/benchmarks.md)
+        return runs and st.block_size <= mosaic.AUTO_MAX_BLOCK
     if choice == "mosaic" and not runs:
         raise ValueError(
             "MobaConfig.partials='mosaic' needs a Hopper GPU, one sequence (no cu_seqlens), bf16 or"

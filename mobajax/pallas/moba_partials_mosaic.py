@@ -42,6 +42,11 @@ HALF = ROWS // 2
 # (docs/benchmarks.md). So it takes head dim 128 with 64-key tiles only, the one verified shape.
 BLOCK_KV = 64
 HEAD_DIM = 128
+# largest block size MobaConfig(partials="auto") sends here. On the H100 this kernel beat the
+# Triton one at block 512 (8 key steps per tile: the gathers overlap the work of the tile before)
+# and lost at block 4096 on 1M tokens (64 steps: its 128-row tiles read each K/V tile twice as
+# often as Triton's 256-row ones).
+AUTO_MAX_BLOCK = 512
 
 
 @dataclasses.dataclass(frozen=True)

@@ -138,3 +138,14 @@ def test_gpu_mosaic_path_matches_triton_and_reference(t, s, n, kv, h, block, top
     want = ma.moba_attention_reference(q.astype(F32), k.astype(F32), v.astype(F32), **args)
     rel = float(jnp.linalg.norm(out.astype(F32) - want) / jnp.linalg.norm(want))
     assert rel < 2e-2, rel  # near ties of the 16-bit gate may flip a few selections
+
+
+@pytest.mark.parametrize("partials, block, one_sequence, want", [
+    ("auto", 512, True, True), ("auto", 4096, True, False), ("auto", 512, False, False),
+    ("triton", 512, True, False), ("mosaic", 4096, True, True),
+])  # fmt: skip
+def test_which_kernel_takes_the_partials(monkeypatch, partials, block, one_sequence, want):
+    """auto: Mosaic where it runs and the chunks are short (measured faster there), else Triton."""
+    monkeypatch.setattr(mosaic, "fits", lambda q, block_size: True)  # as on a Hopper GPU
+    st = ma._Static(block, 3, 1.0, ma.MobaConfig(partials=partials), False)
+    assert ma.use_mosaic(st, jnp.zeros((8, 4, 128), BF16), one_sequence=one_sequence) == want
