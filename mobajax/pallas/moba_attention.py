@@ -8,7 +8,8 @@ Pipeline (one jit):
    head.
 3. `moba_attention_kernel`: per tile, gather the query rows, stream the chunk's keys (blocks that
    every row sees whole as contiguous loads without a mask, the chunk's tail masked), write a
-   normalised partial output and its log-sum-exp per row.
+   normalised partial output and its log-sum-exp per row. On Hopper, for one sequence and short
+   chunks, `moba_partials_mosaic` does this step instead (MobaConfig.partials).
 4. `moba_finish_kernel`: per tile of consecutive tokens x the query heads of one kv head, the
    row's past-chunk partials merged by their log-sum-exps, then causal attention over the row's
    own chunk folded in; writes the output.
