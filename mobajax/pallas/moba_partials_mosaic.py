@@ -34,6 +34,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from mobajax.pallas import mosaic_softmax
+
 ROWS = 128  # rows per tile: two compute warpgroups of 64 rows (one wgmma M tile each)
 HALF = ROWS // 2
 # keys per K/V tile, read as pages of k viewed as [S / BLOCK_KV, BLOCK_KV, K, H] (a free
@@ -130,37 +132,14 @@ def attention_partials_mosaic(q, k_pages, v_pages, src, kpage, kvh, live_tiles, 
                 my_q = q_smem.at[qs, wg]
                 plgpu.barrier_wait(q_ready.at[qs * 2 + wg])
                 q_rows = plgpu.load(my_q, layout=plgpu.Layout.WGMMA, optimized=False)
-                m = plgpu.layout_cast(jnp.full((HALF,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-                l = plgpu.layout_cast(jnp.full((HALF,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-                acc = plgpu.layout_cast(jnp.full((HALF, h), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-
-                def step(j, carry):
-                    acc, m, l = carry
+                def step(j, state):
                     slot = lax.rem(i * steps + j, jnp.int32(stages))
-                    plgpu.barrier_wait(k_ready.at[slot])
+                    barriers = (k_ready.at[slot], k_free.at[slot], v_ready.at[slot], v_free.at[slot])
+                    return mosaic_softmax.attention_step(
+                        state, q_rows, k_smem.at[slot], v_smem.at[slot], barriers, log2_scale=log2_scale
+                    )
 
-                    def qk(acc_ref):
-                        plgpu.wgmma(acc_ref, q_rows, k_smem.at[slot].transpose((1, 0)))
-                        return acc_ref[...]
-
-                    sc = pl.run_scoped(qk, plgpu.ACC((HALF, bkv), jnp.float32))
-                    plgpu.barrier_arrive(k_free.at[slot])
-                    sc = sc * log2_scale
-                    m_new = jnp.maximum(m, sc.max(axis=1))
-                    alpha = jnp.exp2(m - m_new)
-                    p = jnp.exp2(sc - lax.broadcast_in_dim(m_new, sc.shape, [0]))
-                    l = l * alpha + p.sum(axis=1)
-                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                    plgpu.barrier_wait(v_ready.at[slot])
-
-                    def pv(acc_ref):
-                        plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
-
-                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-                    plgpu.barrier_arrive(v_free.at[slot])
-                    return acc, m_new, l
-
-                acc, m, l = lax.fori_loop(0, steps, step, (acc, m, l))
+                acc, m, l = lax.fori_loop(0, steps, step, mosaic_softmax.initial_state(HALF, h))
                 my_q[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
                 lse_smem.at[wg][...] = (m + jnp.log2(l)) * math.log(2.0)
                 plgpu.commit_smem()
@@ -186,20 +165,13 @@ def attention_partials_mosaic(q, k_pages, v_pages, src, kpage, kvh, live_tiles, 
                     g = i * steps + j
                     slot = lax.rem(g, jnp.int32(stages))
 
-                    def copy(ref, smem, barrier):
-                        plgpu.copy_gmem_to_smem(ref.at[first + j, :, head], smem.at[slot], barrier.at[slot])
+                    for ref, smem, ready, free in ((k_ref, k_smem, k_ready, k_free), (v_ref, v_smem, v_ready, v_free)):
 
-                    @pl.when(g >= stages)
-                    def _():
-                        plgpu.barrier_wait(k_free.at[slot])
+                        @pl.when(g >= stages)
+                        def _(free=free):
+                            plgpu.barrier_wait(free.at[slot])
 
-                    copy(k_ref, k_smem, k_ready)
-
-                    @pl.when(g >= stages)
-                    def _():
-                        plgpu.barrier_wait(v_free.at[slot])
-
-                    copy(v_ref, v_smem, v_ready)
+                        plgpu.copy_gmem_to_smem(ref.at[first + j, :, head], smem.at[slot], ready.at[slot])
 
         @pl.when(wg == 3)
         def _queries():
@@ -219,7 +191,7 @@ def attention_partials_mosaic(q, k_pages, v_pages, src, kpage, kvh, live_tiles, 
                 for half in range(2):
 
                     @pl.loop(0, HALF)
-                    def _row(r):
+                    def _row(r, half=half):
                         row = idx_smem[qs, half * HALF + r]
                         dst = q_smem.at[qs, half, pl.ds(r, 1)]
                         plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row, 1)], dst, q_ready.at[qs * 2 + half])

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from mobajax.pallas import mosaic_softmax
 from mobajax.pallas import online_softmax as osm
 from mobajax.pallas.paged_prefill import block_schedule, check_inputs
 
@@ -159,43 +160,23 @@ def paged_prefill_mosaic(
             first = pos0 + wg * bq  # position of this warpgroup's first row
             valid = jnp.clip(rows - wg * bq, 0, bq)
             steps, unmasked = tile_counts(rows, pos0, kv_len, wg, bq, bkv)
-            m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-            l = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-            acc = plgpu.layout_cast(jnp.full((bq, h), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-
-            def step(j, carry, masked: bool):
-                acc, m, l = carry
+            def step(j, state, masked: bool):
                 slot = lax.rem(j, jnp.int32(stages))
-                plgpu.barrier_wait(k_ready.at[slot])
 
-                def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, q_rows, k_smem.at[slot].transpose((1, 0)))
-                    return acc_ref[...]
-
-                sc = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
-                plgpu.barrier_arrive(k_free.at[slot])
-                sc = sc * (scale * osm.LOG2E)
-                if masked:
+                def seen():  # causal: key position <= row position
                     qi = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA)
                     ki = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
-                    sc = jnp.where(ki + j * bkv <= qi + first, sc, -jnp.inf)
-                m_new = jnp.maximum(m, sc.max(axis=1))
-                m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with no key yet
-                alpha = jnp.exp2(m - m_safe)
-                p = jnp.exp2(sc - lax.broadcast_in_dim(m_safe, sc.shape, [0]))
-                l = l * alpha + p.sum(axis=1)
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                plgpu.barrier_wait(v_ready.at[slot])
+                    return ki + j * bkv <= qi + first
 
-                def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
+                barriers = (k_ready.at[slot], k_free.at[slot], v_ready.at[slot], v_free.at[slot])
+                return mosaic_softmax.attention_step(
+                    state, q_rows, k_smem.at[slot], v_smem.at[slot], barriers,
+                    log2_scale=scale * osm.LOG2E, seen=seen if masked else None, empty_rows=True,
+                )  # fmt: skip
 
-                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-                plgpu.barrier_arrive(v_free.at[slot])
-                return acc, m_new, l
-
-            carry = lax.fori_loop(0, unmasked, functools.partial(step, masked=False), (acc, m, l))
-            acc, m, l = lax.fori_loop(unmasked, steps, functools.partial(step, masked=True), carry)
+            state = mosaic_softmax.initial_state(bq, h)
+            state = lax.fori_loop(0, unmasked, functools.partial(step, masked=False), state)
+            acc, m, l = lax.fori_loop(unmasked, steps, functools.partial(step, masked=True), state)
 
             @pl.loop(steps, total_steps)
             def _pass(j):

@@ -1,0 +1,66 @@
+"""One online-softmax attention step of a Mosaic GPU compute warpgroup (Hopper: wgmma).
+
+Shared by the Mosaic attention kernels (`paged_prefill_mosaic`, `moba_partials_mosaic`): a
+warpgroup holds its query rows in registers and a state (acc [rows, H] float32, running max m
+and sum l [rows], base 2) in the wgmma layouts, and folds in one K/V tile from SMEM per step.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+
+def initial_state(rows: int, head_dim: int):
+    """An empty state: acc [rows, H] zeros, m [rows] -inf, l [rows] zeros, in the wgmma layouts."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    row = plgpu.Layout.WGMMA.reduce(1)
+    return (
+        plgpu.layout_cast(jnp.full((rows, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA),
+        plgpu.layout_cast(jnp.full((rows,), -jnp.inf, jnp.float32), row),
+        plgpu.layout_cast(jnp.full((rows,), 0.0, jnp.float32), row),
+    )
+
+
+def attention_step(state, q_rows, k_tile, v_tile, barriers, *, log2_scale, seen=None, empty_rows=False):
+    """Fold K/V tiles k_tile, v_tile [block_kv, H] (SMEM refs) into state.
+
+    S = Q K^T (wgmma), scaled by log2_scale (scale * log2(e)); keys where seen() (a function
+    returning a [rows, block_kv] bool mask, called once the scores are in) is False masked;
+    online softmax in base 2; O += P V (wgmma with P from registers).
+    barriers: the tile's (K ready, K free, V ready, V free); each tile is waited for before its
+    matmul and released after it. empty_rows: rows may have seen no key yet (a masked step can
+    leave their max at -inf), so the max is taken as 0 there.
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    acc, m, l = state
+    k_ready, k_free, v_ready, v_free = barriers
+    rows, block_kv = q_rows.shape[0], k_tile.shape[0]
+    plgpu.barrier_wait(k_ready)
+
+    def qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_rows, k_tile.transpose((1, 0)))
+        return acc_ref[...]
+
+    sc = pl.run_scoped(qk, plgpu.ACC((rows, block_kv), jnp.float32))
+    plgpu.barrier_arrive(k_free)
+    sc = sc * log2_scale
+    if seen is not None:
+        sc = jnp.where(seen(), sc, -jnp.inf)
+    m_new = jnp.maximum(m, sc.max(axis=1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if empty_rows else m_new
+    alpha = jnp.exp2(m - m_safe)
+    p = jnp.exp2(sc - lax.broadcast_in_dim(m_safe, sc.shape, [0]))
+    l = l * alpha + p.sum(axis=1)
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+    plgpu.barrier_wait(v_ready)
+
+    def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p.astype(v_tile.dtype), v_tile)
+
+    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+    plgpu.barrier_arrive(v_free)
+    return acc, m_new, l
