@@ -270,8 +270,8 @@ def moba_finish_kernel(
     first_ref,  # [T] int32: index in k of the token's first own-chunk key (padding: int32 max)
     last_ref,  # [T] int32: index in k of the last key the token sees (padding: -1)
     sel_ref,  # [T * N, J] int32: slot 0 the own chunk, 1.. the past chunks (-1: empty)
-    o_ref,  # [R' + P, H] or [W, H]: normalised past-chunk partials, R' = T*N*(J-1)
-    lse_ref,  # [R' + P] or [W] float32, natural log
+    o_ref,  # [R' + P, H], or [W * ROWS, H] if indexed: normalised past-chunk partials, R' = T*N*(J-1)
+    lse_ref,  # [R' + P], or [W * ROWS] if indexed: float32, natural log
     *refs,  # (index [R' + P] int32,) if indexed; k [S, K, H]; v [S, K, H]; out [T * N, H] (out)
     rows: int,
     group: int,
