@@ -65,17 +65,11 @@ class MobaMosaicConfig:
             raise ValueError(f"num_programs must be >= 1, got {self.num_programs}")
 
 
-def on_hopper() -> bool:
-    """Whether the default device is a Hopper GPU (compute capability 9.x)."""
-    device = jax.devices()[0]
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
-
-
 def fits(q: jax.Array, block_size: int) -> bool:
     """Whether this kernel takes these inputs on this machine: a Hopper GPU, bf16/f16, head dim 128
     and chunks of whole K/V tiles."""
     return (
-        on_hopper()
+        mosaic_softmax.on_hopper()
         and q.dtype in (jnp.bfloat16, jnp.float16)
         and q.shape[-1] == HEAD_DIM
         and block_size % BLOCK_KV == 0

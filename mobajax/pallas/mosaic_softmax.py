@@ -1,15 +1,23 @@
-"""One online-softmax attention step of a Mosaic GPU compute warpgroup (Hopper: wgmma).
+"""What the Mosaic GPU attention kernels share: the Hopper check and one online-softmax attention
+step of a compute warpgroup (wgmma).
 
-Shared by the Mosaic attention kernels (`paged_prefill_mosaic`, `moba_partials_mosaic`): a
+Used by the Mosaic attention kernels (`paged_prefill_mosaic`, `moba_partials_mosaic`): a
 warpgroup holds its query rows in registers and a state (acc [rows, H] float32, running max m
 and sum l [rows], base 2) in the wgmma layouts, and folds in one K/V tile from SMEM per step.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
+
+def on_hopper() -> bool:
+    """Whether the default device is a Hopper GPU (compute capability 9.x)."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
 
 
 def initial_state(rows: int, head_dim: int):

@@ -60,9 +60,8 @@ def fits(q: jax.Array, k_pages: jax.Array, config: PagedPrefillMosaicConfig = Pa
     """Whether this kernel takes these shapes and dtypes on this machine (a Hopper GPU, bf16/f16,
     head dim a multiple of 64, pages of a multiple of 8 tokens dividing block_kv)."""
     g, h = k_pages.shape[1], q.shape[-1]
-    devices = jax.devices()
-    hopper = devices[0].platform == "gpu" and str(getattr(devices[0], "compute_capability", "")).startswith("9")
-    return hopper and q.dtype in (jnp.bfloat16, jnp.float16) and h % 64 == 0 and g % 8 == 0 and config.block_kv % g == 0
+    shapes = q.dtype in (jnp.bfloat16, jnp.float16) and h % 64 == 0 and g % 8 == 0 and config.block_kv % g == 0
+    return shapes and mosaic_softmax.on_hopper()
 
 
 def tile_counts(rows, pos0, kv_len, w: int, block_q: int, block_kv: int):

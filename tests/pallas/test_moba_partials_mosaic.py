@@ -11,6 +11,7 @@ import pytest
 
 from mobajax.pallas import moba_attention as ma
 from mobajax.pallas import moba_partials_mosaic as mosaic
+from mobajax.pallas import mosaic_softmax
 from mobajax.pallas.moba_gate import moba_layout
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
@@ -55,7 +56,7 @@ def test_bad_config_is_named():
 
 def test_fits_only_on_hopper_with_its_shapes():
     q = jnp.zeros((8, 4, 128), BF16)
-    assert mosaic.fits(q, 512) == mosaic.on_hopper()
+    assert mosaic.fits(q, 512) == mosaic_softmax.on_hopper()
     assert not mosaic.fits(q.astype(F32), 512)
     assert not mosaic.fits(jnp.zeros((8, 4, 64), BF16), 512)  # square 64-key tiles: wrong on the H100
     assert not mosaic.fits(q, 96)
@@ -127,7 +128,7 @@ def test_finish_reads_indexed_partials_like_ordered_ones(t, s, n, kv, block, top
     ],
 )
 def test_gpu_mosaic_path_matches_triton_and_reference(t, s, n, kv, h, block, top_k, dtype):
-    if not mosaic.on_hopper():
+    if not mosaic_softmax.on_hopper():
         pytest.skip("the Mosaic kernel needs a Hopper GPU")
     q, k, v = _qkv(4, t, s, n, kv, h, dtype)
     args = dict(block_size=block, top_k=top_k)
