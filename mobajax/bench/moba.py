@@ -153,16 +153,15 @@ def pass_stages(q, k, v, block, top_k, config, reps, interpret=False) -> dict:
     step = min(s, ma.pass_tokens(tiles, n, ma.num_slots(top_k, k.shape[0], block), h, q.dtype.itemsize))
     qt, pos = q[s - step:], jnp.arange(s - step, s, dtype=jnp.int32)
     st = ma._Static(block, top_k, 1 / math.sqrt(h), config, interpret)
-    use_mosaic = ma.use_mosaic(st, qt, one_sequence=True)
+    st = ma.with_kernels(st, qt, k.shape[1], one_sequence=True)
     layout = ma._prepare(qt, k, v, block, top_k, None, None, pos)
     select = jax.jit(lambda q, k: ma._select(st, q, k, layout))
     sel = select(qt, k)
     past = sel[..., 1:]
 
     def finish(sel):
-        return jax.jit(lambda q, k, v, partials: ma.finish(
-            q, k, v, layout.token_pos, layout.token_own, sel, layout, partials, scale=st.scale,
-            config=tiles, interpret=interpret))  # fmt: skip
+        return jax.jit(lambda q, k, v, partials: ma.own_and_merge(
+            q, k, v, layout.token_pos, layout.token_own, sel, layout, partials, st=st, config=tiles))  # fmt: skip
 
     none = jnp.zeros((1, h), q.dtype), jnp.zeros((1,), jnp.float32)
     own = finish(sel[..., :1])
@@ -170,7 +169,7 @@ def pass_stages(q, k, v, block, top_k, config, reps, interpret=False) -> dict:
     stages = {
         "pass_tokens": step,
         "passes": -(-s // step),
-        "past_kernel": "mosaic" if use_mosaic else "triton",
+        "finish_kernel": "mosaic" if st.mosaic_finish else "triton",
         "gate_pass_s": _time(lambda: select(qt, k).block_until_ready(), reps),
         "work_list_s": 0.0,  # top_k 1: no past chunks, nothing to merge
         "past_partials_s": 0.0,
@@ -178,12 +177,18 @@ def pass_stages(q, k, v, block, top_k, config, reps, interpret=False) -> dict:
         "own_chunk_only_s": own_s,
     }
     if past.shape[-1]:
-        rows = ma.work_rows(tiles, use_mosaic)
+        rows = tiles.block_q
         wl = jax.jit(lambda past: ma.work_list(past, k.shape[1], layout.chunk_len.shape[0], rows))
         work = wl(past)
-        part = jax.jit(lambda q, k, v, work: ma.past_partials(
-            q, k, v, work, layout, slots=past.shape[-1], block_size=block, scale=st.scale,
-            config=tiles, interpret=interpret, use_mosaic=use_mosaic))  # fmt: skip
+        @jax.jit
+        def part(q, k, v, work):
+            o, lse = ma.attention_partials(
+                q, k, v, work, layout, slots=past.shape[-1], scale=st.scale, config=tiles,
+                interpret=interpret)  # fmt: skip
+            if st.mosaic_finish:
+                lse = ma.empty_slots_at_neg_inf(lse, past, k.shape[1])
+            return o, lse
+
         partials = part(qt, k, v, work)
         fin = finish(sel)
         stages["work_list_s"] = _time(lambda: jax.block_until_ready(wl(past)), reps)
@@ -338,8 +343,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--gate-block-q", type=int, default=0)
     ap.add_argument("--gate-num-warps", type=int, default=0)
     ap.add_argument("--gate-scores", type=int, default=0, help="MobaConfig.gate_scores (0: default)")
-    ap.add_argument("--partials", default="auto", choices=["auto", "triton", "mosaic"],
-                    help="MobaConfig.partials: the past-chunk kernel")  # fmt: skip
+    ap.add_argument("--finish", default="auto", choices=["auto", "triton", "mosaic"],
+                    help="MobaConfig.finish: the kernel of the own chunk and the merge")  # fmt: skip
     args = ap.parse_args(argv)
     names = [c for c in args.cases.split(",") if c]
     bad = [c for c in names if c not in CASES]
@@ -362,7 +367,7 @@ def main(argv: list[str]) -> int:
     from mobajax.pallas.moba_attention import MobaConfig
 
     knobs = ("block_q", "block_k", "num_warps", "num_stages", "gate_block_q", "gate_num_warps", "gate_scores")
-    config = MobaConfig(**{x: getattr(args, x) for x in knobs if getattr(args, x)}, partials=args.partials)
+    config = MobaConfig(**{x: getattr(args, x) for x in knobs if getattr(args, x)}, finish=args.finish)
     matmul = matmul_rate()
     rows = []
     for name in names:

@@ -8,11 +8,11 @@ Pipeline (one jit):
    head.
 3. `moba_attention_kernel`: per tile, gather the query rows, stream the chunk's keys (blocks that
    every row sees whole as contiguous loads without a mask, the chunk's tail masked), write a
-   normalised partial output and its log-sum-exp per row. On Hopper, for one sequence and short
-   chunks, `moba_partials_mosaic` does this step instead (MobaConfig.partials).
+   normalised partial output and its log-sum-exp per row.
 4. `moba_finish_kernel`: per tile of consecutive tokens x the query heads of one kv head, the
    row's past-chunk partials merged by their log-sum-exps, then causal attention over the row's
-   own chunk folded in; writes the output.
+   own chunk folded in; writes the output. On Hopper, for one sequence and short chunks,
+   `moba_finish_mosaic` does this step instead (MobaConfig.finish).
 Rows of all the query heads of one kv head share a tile, so K/V are read per kv head (GQA-native)
 and every matmul is a dense [block_q, H] x [H, block_k] tile, whatever each token selected.
 
@@ -21,7 +21,7 @@ Log-sum-exps here are natural (base e). Backward: a custom VJP through the selec
 not differentiable.
 
 Shape letters: T tokens, S keys, N query heads, K kv heads, H head dim, J slots (top_k),
-R = T * N * (J - 1) rows of past chunks.
+R = (J - 1) * N * `moba_finish_mosaic.token_stride(T)` rows of past-chunk partials (`partial_row`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mobajax import moba as moba_ref
-from mobajax.pallas import moba_partials_mosaic as mosaic
+from mobajax.pallas import moba_finish_mosaic as mosaic
 from mobajax.pallas import online_softmax as osm
 from mobajax.pallas.moba_gate import (
     MAX_CHUNKS,
@@ -64,9 +64,10 @@ class MobaConfig:
     kernels. The defaults are the best
     of the H100 sweeps in docs/benchmarks.md at block sizes 512 and 4096. max_partial_bytes: partial
     outputs (q's dtype) held at once; longer inputs run in several passes over the tokens.
-    partials: the past-chunk kernel: "triton", "mosaic" (`moba_partials_mosaic`: a Hopper GPU, one
-    sequence, 16-bit inputs, head dim 128, block sizes a multiple of 64), or "auto" (mosaic where
-    it runs and the block size is at most `moba_partials_mosaic.AUTO_MAX_BLOCK`, else triton).
+    finish: the kernel of the own chunk plus the merge: "triton", "mosaic" (`moba_finish_mosaic`:
+    a Hopper GPU, one sequence at its default positions, 16-bit inputs, head dim 128, query
+    heads per kv head dividing 64, block sizes a multiple of 64), or "auto" (mosaic where it
+    runs and the block size is at most `moba_finish_mosaic.AUTO_MAX_BLOCK`, else triton).
     """
 
     block_q: int = 256
@@ -77,7 +78,7 @@ class MobaConfig:
     gate_num_warps: int = 4
     gate_scores: int = 16384
     max_partial_bytes: int = 2**33
-    partials: str = "auto"
+    finish: str = "auto"
 
     def __post_init__(self):
         for name in ("block_q", "block_k", "gate_block_q", "gate_scores"):
@@ -89,8 +90,8 @@ class MobaConfig:
                 raise ValueError(
                     f"MobaConfig.{name}={getattr(self, name)}: must be 1, 2, 4, 8 or 16"
                 )
-        if self.partials not in ("auto", "triton", "mosaic"):
-            raise ValueError(f"MobaConfig.partials={self.partials!r}: must be 'auto', 'triton' or 'mosaic'")
+        if self.finish not in ("auto", "triton", "mosaic"):
+            raise ValueError(f"MobaConfig.finish={self.finish!r}: must be 'auto', 'triton' or 'mosaic'")
         if self.num_stages < 1 or self.max_partial_bytes < 1:
             raise ValueError(
                 f"num_stages={self.num_stages}, max_partial_bytes={self.max_partial_bytes}:"
@@ -181,19 +182,22 @@ def moba_attention_kernel(
         state = jax.lax.fori_loop(0, size // block_k, clear_step, osm.init_state(block_q, q.shape[-1]))
         out, lse = osm.finalize(jax.lax.fori_loop(size // block_k, pl.cdiv(size, block_k), tail_step, state))
         tn, slot = rows // slots, rows % slots
-        dest = partial_row(tn, slot, q_ref.shape[0] // num_heads, num_heads, num_kv_heads)
-        dump = jnp.where(live, dest, q_ref.shape[0] * slots)
+        num_tokens = q_ref.shape[0] // num_heads
+        dest = partial_row(tn, slot, num_tokens, num_heads, num_kv_heads)
+        dump = jnp.where(live, dest, slots * num_heads * mosaic.token_stride(num_tokens))  # row R
         plgpu.store(gather_rows(o_ref, dump), out.astype(o_ref.dtype))
         plgpu.store(lse_ref.at[dump], lse)
 
 
 def partial_row(tn, slot, num_tokens, num_heads, num_kv_heads):
     """Row of the past-chunk partial of (token, head) row tn = token * N + head and past slot
-    `slot`, in (slot, kv head, token, head within the group) order: the partials that one
-    `moba_finish_kernel` tile merges for one slot are consecutive rows."""
+    `slot`, in (slot, kv head, token, head within the group) order, tokens at a stride of
+    `moba_finish_mosaic.token_stride(T)`: the partials that one finish tile merges for one slot
+    are consecutive rows."""
     group = num_heads // num_kv_heads
     tok, head = tn // num_heads, tn % num_heads
-    return ((slot * num_kv_heads + head // group) * num_tokens + tok) * group + head % group
+    stride = mosaic.token_stride(num_tokens)
+    return ((slot * num_kv_heads + head // group) * stride + tok) * group + head % group
 
 
 def finish_rows(config, group: int) -> int:
@@ -235,10 +239,10 @@ def work_list(sel, num_kv_heads, num_chunks, block_q):
 def attention_partials(q, k, v, work, layout, *, slots, scale, config, interpret):
     """Per row (token, head, past slot): normalised output [R + P, H] (q's dtype) and its natural
     log-sum-exp [R + P] float32 over the row's past chunk, at `partial_row`; rows of empty slots
-    are not written. The P = `finish_rows` spare rows let a finish tile read whole row blocks."""
+    are not written. P: the spare rows of `partial_rows`."""
     num_tokens, num_heads, head_dim = q.shape
     bucket, start, size, order = work
-    rows = num_tokens * num_heads * slots + finish_rows(config, num_heads // k.shape[1])
+    rows = partial_rows(num_tokens, num_heads, slots, config, num_heads // k.shape[1])
     kernel = functools.partial(
         moba_attention_kernel,
         block_q=config.block_q,
@@ -270,22 +274,20 @@ def moba_finish_kernel(
     first_ref,  # [T] int32: index in k of the token's first own-chunk key (padding: int32 max)
     last_ref,  # [T] int32: index in k of the last key the token sees (padding: -1)
     sel_ref,  # [T * N, J] int32: slot 0 the own chunk, 1.. the past chunks (-1: empty)
-    o_ref,  # [R' + P, H], or [W * ROWS, H] if indexed: normalised past-chunk partials, R' = T*N*(J-1)
-    lse_ref,  # [R' + P], or [W * ROWS] if indexed: float32, natural log
-    *refs,  # (index [R' + P] int32,) if indexed; k [S, K, H]; v [S, K, H]; out [T * N, H] (out)
+    o_ref,  # [R + P, H]: normalised past-chunk partials in `partial_row` order
+    lse_ref,  # [R + P] float32, natural log
+    k_ref,  # [S, K, H]
+    v_ref,  # [S, K, H]
+    out_ref,  # [T * N, H] (out)
+    *,
     rows: int,
     group: int,
     block_k: int,
     scale: float,
-    indexed: bool,
 ):
     """A tile of rows // group tokens x the `group` query heads of kv head h (row r: token
     r // group, head h * group + r % group): attention over each row's own chunk up to its
-    position, starting from the row's past-chunk partials merged by their log-sum-exps.
-
-    The partials are in `partial_row` order, or (indexed) at the rows of o/lse that index gives
-    for each `partial_row` position."""
-    *index_ref, k_ref, v_ref, out_ref = refs
+    position, starting from the row's past-chunk partials merged by their log-sum-exps."""
     i, h = pl.program_id(0), pl.program_id(1)
     num_tokens = first_ref.shape[0]
     num_heads = q_ref.shape[0] // num_tokens
@@ -330,13 +332,8 @@ def moba_finish_kernel(
         # this tile's rows of slot j are consecutive (`partial_row`); rows of empty slots and
         # past the last token were never written, so they are masked after the load
         base = partial_row(first_tn, j, num_tokens, num_heads, k_ref.shape[1])
-        if indexed:
-            at = plgpu.load(index_ref[0].at[pl.ds(base, rows)])
-            part = plgpu.load(gather_rows(o_ref, at)).astype(jnp.float32)
-            lse = plgpu.load(lse_ref.at[at])
-        else:
-            part = plgpu.load(o_ref.at[pl.ds(base, rows), :]).astype(jnp.float32)
-            lse = plgpu.load(lse_ref.at[pl.ds(base, rows)])
+        part = plgpu.load(o_ref.at[pl.ds(base, rows), :]).astype(jnp.float32)
+        lse = plgpu.load(lse_ref.at[pl.ds(base, rows)])
         state = osm.merge(state, jnp.where(valid[:, None], part, 0.0), jnp.where(valid, lse, -jnp.inf))
     state = jax.lax.fori_loop(0, clear_lo, masked_step, state)
     state = jax.lax.fori_loop(clear_lo, clear_hi, clear_step, state)
@@ -358,7 +355,7 @@ def own_key_range(pos, own, layout):
 
 
 def finish(q, k, v, pos, own, sel, layout, partials, *, scale, config, interpret):
-    """Own-chunk attention plus the merge of the past-chunk partials (`past_partials` over
+    """Own-chunk attention plus the merge of the past-chunk partials (`attention_partials` over
     sel[..., 1:]) -> out [T, N, H] in q's dtype; pos, own [T]: the tokens' positions and own
     chunk ids."""
     num_tokens, num_heads, head_dim = q.shape
@@ -366,9 +363,8 @@ def finish(q, k, v, pos, own, sel, layout, partials, *, scale, config, interpret
     group = num_heads // num_kv_heads
     rows = finish_rows(config, group)
     kernel = functools.partial(
-        moba_finish_kernel, rows=rows, group=group, block_k=config.block_k, scale=scale,
-        indexed=len(partials) == 3,
-    )  # fmt: skip
+        moba_finish_kernel, rows=rows, group=group, block_k=config.block_k, scale=scale
+    )
     out = pl.pallas_call(
         kernel,
         grid=(pl.cdiv(num_tokens, rows // group), num_kv_heads),
@@ -385,49 +381,34 @@ def finish(q, k, v, pos, own, sel, layout, partials, *, scale, config, interpret
     return out.reshape(num_tokens, num_heads, head_dim)
 
 
-def mosaic_partials(q, k, v, work, layout, *, slots, block_size, scale, config):
-    """`attention_partials` by the Mosaic GPU kernel: (o, lse) in tile order and the index
-    [R + P] of each `partial_row` position in them (P: the finish tile's rows under config).
-    work: `work_list` of `moba_partials_mosaic.ROWS` rows; k/v chunks must start at multiples of
-    64 keys (one sequence)."""
-    num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    bucket, _, size, _ = work
-    src, row = mosaic.tile_rows(work, slots)
-    page = mosaic.BLOCK_KV
-    keys = k.shape[0] // page * page  # past chunks end at or before the last whole page
+def partial_rows(num_tokens, num_heads, slots, config, group):
+    """Rows of the partial arrays: `partial_row`'s range, then spare rows so that a finish tile
+    (Triton: `finish_rows`; Mosaic: `moba_finish_mosaic.ROWS`) reads whole row blocks."""
+    return slots * num_heads * mosaic.token_stride(num_tokens) + max(finish_rows(config, group), mosaic.ROWS)
 
-    def pages(x):
-        return x[:keys].reshape(-1, page, num_kv_heads, head_dim)
 
-    o, lse = mosaic.attention_partials_mosaic(
-        q.reshape(-1, head_dim), pages(k), pages(v), src, layout.chunk_start[bucket // num_kv_heads] // page,
-        bucket % num_kv_heads, jnp.sum(size > 0, dtype=jnp.int32)[None],
-        steps=block_size // page, scale=scale, config=mosaic.MobaMosaicConfig(),
+def empty_slots_at_neg_inf(lse, past, num_kv_heads):
+    """lse [R + P] in `partial_row` order with -inf on the rows of empty past slots (past
+    [T, N, J'] < 0) and on the spare rows, which no kernel writes."""
+    num_tokens, num_heads, slots = past.shape
+    group = num_heads // num_kv_heads
+    live = (past >= 0).reshape(num_tokens, num_kv_heads, group, slots).transpose(3, 1, 0, 2)
+    live = jnp.pad(live, ((0, 0), (0, 0), (0, mosaic.token_stride(num_tokens) - num_tokens), (0, 0)))
+    live = jnp.pad(live.reshape(-1), (0, lse.shape[0] - live.size))
+    return jnp.where(live, lse, -jnp.inf)
+
+
+def finish_mosaic(q, k, v, pos, partials, *, past_slots, block_size, scale):
+    """`finish` by `moba_finish_mosaic` for one sequence's tokens q [T, N, H] at consecutive
+    positions pos [T] (k/v: every key they see) -> out [T, N, H]."""
+    num_tokens, num_heads, _ = q.shape
+    short = mosaic.tile_tokens(num_heads // k.shape[1]) - num_tokens
+    out = mosaic.own_chunk_and_merge_mosaic(
+        jnp.pad(q, ((0, short), (0, 0), (0, 0))) if short > 0 else q, mosaic.key_pages(k),
+        mosaic.key_pages(v), *partials, pos[:1], num_tokens=num_tokens, block_size=block_size,
+        past_slots=past_slots, scale=scale, config=mosaic.MobaMosaicConfig(),
     )  # fmt: skip
-    rows = num_tokens * num_heads * slots + finish_rows(config, num_heads // num_kv_heads)
-
-    def partial_row_of(r):
-        return partial_row(r // slots, r % slots, num_tokens, num_heads, num_kv_heads)
-
-    return o, lse, mosaic.partials_index(row, partial_row_of, rows)
-
-
-def work_rows(config: MobaConfig, use_mosaic: bool) -> int:
-    """Rows per work-list tile of the past-chunk kernel."""
-    return mosaic.ROWS if use_mosaic else config.block_q
-
-
-def past_partials(q, k, v, work, layout, *, slots, block_size, scale, config, interpret, use_mosaic):
-    """The past-chunk partials of a `work_list` (of `work_rows` rows) for `finish`: (o, lse) in
-    `partial_row` order (Triton) or (o, lse, index) (Mosaic)."""
-    if use_mosaic:
-        return mosaic_partials(
-            q, k, v, work, layout, slots=slots, block_size=block_size, scale=scale, config=config
-        )
-    return attention_partials(
-        q, k, v, work, layout, slots=slots, scale=scale, config=config, interpret=interpret
-    )
+    return out[:num_tokens]
 
 
 def _attend_pass(q, k, v, pos, own, sel, layout, *, st, config):
@@ -436,13 +417,24 @@ def _attend_pass(q, k, v, pos, own, sel, layout, *, st, config):
     chunk and the merge in one kernel."""
     past = sel[..., 1:]
     if past.shape[-1]:
-        work = work_list(past, k.shape[1], layout.chunk_len.shape[0], work_rows(config, st.mosaic))
-        partials = past_partials(
-            q, k, v, work, layout, slots=past.shape[-1], block_size=st.block_size, scale=st.scale,
-            config=config, interpret=st.interpret, use_mosaic=st.mosaic,
-        )  # fmt: skip
+        work = work_list(past, k.shape[1], layout.chunk_len.shape[0], config.block_q)
+        partials = attention_partials(
+            q, k, v, work, layout, slots=past.shape[-1], scale=st.scale, config=config, interpret=st.interpret
+        )
+        if st.mosaic_finish:
+            partials = partials[0], empty_slots_at_neg_inf(partials[1], past, k.shape[1])
     else:  # top_k 1: the own chunk only
         partials = jnp.zeros((1, q.shape[-1]), q.dtype), jnp.zeros((1,), jnp.float32)
+    return own_and_merge(q, k, v, pos, own, sel, layout, partials, st=st, config=config)
+
+
+def own_and_merge(q, k, v, pos, own, sel, layout, partials, *, st, config):
+    """The own chunk's attention and the merge of the past partials, by the Mosaic kernel where
+    st.mosaic_finish, else by `finish` -> out [T, N, H]."""
+    if st.mosaic_finish:
+        return finish_mosaic(
+            q, k, v, pos, partials, past_slots=sel.shape[-1] - 1, block_size=st.block_size, scale=st.scale
+        )
     return finish(q, k, v, pos, own, sel, layout, partials, scale=st.scale, config=config, interpret=st.interpret)
 
 
@@ -453,7 +445,7 @@ class _Static:
     scale: float
     config: MobaConfig
     interpret: bool
-    mosaic: bool = False  # the past-chunk partials by `moba_partials_mosaic`
+    mosaic_finish: bool = False  # the own chunk and the merge by `moba_finish_mosaic`
 
 
 def num_slots(top_k: int, num_keys: int, block_size: int) -> int:
@@ -605,25 +597,29 @@ def moba_attention(
     layout = _prepare(q, k, v, block_size, top_k, cu_seqlens_q, cu_seqlens_k, q_positions)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     st = _Static(block_size, top_k, scale, config, interpret)
-    st = dataclasses.replace(st, mosaic=use_mosaic(st, q, one_sequence=cu_seqlens_k is None))
+    one_sequence = cu_seqlens_k is None and q_positions is None
+    st = with_kernels(st, q, k.shape[1], one_sequence=one_sequence)
     return _moba(st, q, k, v, layout)
 
 
-def use_mosaic(st: _Static, q: jax.Array, *, one_sequence: bool) -> bool:
-    """Whether the past-chunk partials go to the Mosaic kernel (config.partials; "mosaic" where
-    it cannot run is an error)."""
-    choice = st.config.partials
-    runs = one_sequence and not st.interpret and mosaic.fits(q, st.block_size)
-    if choice == "auto":  # Mosaic where it was measured faster: short chunks (docs/benchmarks.md)
-        return runs and st.block_size <= mosaic.AUTO_MAX_BLOCK
-    if choice == "mosaic" and not runs:
+def with_kernels(st: _Static, q: jax.Array, num_kv_heads: int, *, one_sequence: bool) -> _Static:
+    """st with the finish kernel config.finish chooses ("mosaic" where it cannot run is an
+    error). one_sequence: no cu_seqlens and no q_positions."""
+    runs = one_sequence and not st.interpret and mosaic.fits(q, num_kv_heads, st.block_size)
+    if st.config.finish == "mosaic" and not runs:
         raise ValueError(
-            "MobaConfig.partials='mosaic' needs a Hopper GPU, one sequence (no cu_seqlens), bf16 or"
-            f" f16, head dim 128 and a block size that is a multiple of 64; got {q.dtype},"
-            f" head dim {q.shape[-1]}, block size {st.block_size}, one sequence: {one_sequence},"
-            f" interpret: {st.interpret}. Use partials='auto' or 'triton'."
+            "MobaConfig.finish='mosaic' needs a Hopper GPU, one sequence at its default positions"
+            " (no cu_seqlens, no q_positions), bf16 or f16, head dim 128, query heads per kv head"
+            f" dividing {mosaic.HALF} and a block size that is a multiple of 64; got {q.dtype},"
+            f" head dim {q.shape[-1]}, {q.shape[1]} query heads over {num_kv_heads} kv heads,"
+            f" block size {st.block_size}, one sequence: {one_sequence},"
+            f" interpret: {st.interpret}. Use finish='auto' or 'triton'."
         )
-    return choice != "triton" and runs
+    # auto: Mosaic where it was measured faster (docs/benchmarks.md)
+    fin = st.config.finish == "mosaic" or (
+        st.config.finish == "auto" and runs and st.block_size <= mosaic.AUTO_MAX_BLOCK
+    )
+    return dataclasses.replace(st, mosaic_finish=fin)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "top_k", "config", "interpret"))

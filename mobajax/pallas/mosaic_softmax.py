@@ -1,7 +1,7 @@
 """What the Mosaic GPU attention kernels share: the Hopper check and one online-softmax attention
 step of a compute warpgroup (wgmma).
 
-Used by the Mosaic attention kernels (`paged_prefill_mosaic`, `moba_partials_mosaic`): a
+Used by the Mosaic attention kernels (`paged_prefill_mosaic`, `moba_finish_mosaic`): a
 warpgroup holds its query rows in registers and a state (acc [rows, H] float32, running max m
 and sum l [rows], base 2) in the wgmma layouts, and folds in one K/V tile from SMEM per step.
 """
