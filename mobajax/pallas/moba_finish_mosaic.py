@@ -102,13 +102,13 @@ def tile_tokens(group: int) -> int:
 @functools.partial(jax.jit, static_argnames=("num_tokens", "block_size", "past_slots", "scale", "config"))
 def own_chunk_and_merge_mosaic(q, k_pages, v_pages, o_part, lse_part, base, *, num_tokens, block_size,
                                past_slots, scale, config):  # fmt: skip
-    """Output of one sequence's T = num_tokens tokens at positions base[0] + t: q [T', N, H]
-    (T' >= T, T' >= `tile_tokens`; rows past T are ignored);
-    k_pages, v_pages [S' / BLOCK_KV, BLOCK_KV, K, H]; o_part [R + ROWS, H], lse_part [R + ROWS]
-    float32 (the past slots' partials in `partial_row` order, R = past_slots * N *
-    `token_stride(T)`, lse -inf
-    where a slot is empty; ignored if past_slots is 0); base [1] int32 -> [T, N, H] in q's
-    dtype (rows past T: garbage)."""
+    """Output of one sequence's T = num_tokens tokens at positions base[0] + t.
+
+    q [T', N, H] (T' >= T and T' >= `tile_tokens`; rows past T are ignored); k_pages, v_pages
+    [S' / BLOCK_KV, BLOCK_KV, K, H]; o_part [R + ROWS, H], lse_part [R + ROWS] float32: the past
+    slots' partials in `partial_row` order, R = past_slots * N * `token_stride(T)`, lse -inf where
+    a slot is empty (both ignored if past_slots is 0); base [1] int32
+    -> [T', N, H] in q's dtype (rows past T: garbage)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     _, num_heads, h = q.shape
