@@ -11,7 +11,7 @@ Pipeline (one jit):
    normalised partial output and its log-sum-exp per row.
 4. `moba_finish_kernel`: per tile of consecutive tokens x the query heads of one kv head, the
    row's past-chunk partials merged by their log-sum-exps, then causal attention over the row's
-   own chunk folded in; writes the output. On Hopper, for one sequence and short chunks,
+   own chunk folded in; writes the output. On Hopper, for one sequence of 16-bit inputs,
    `moba_finish_mosaic` does this step instead (MobaConfig.finish).
 Rows of all the query heads of one kv head share a tile, so K/V are read per kv head (GQA-native)
 and every matmul is a dense [block_q, H] x [H, block_k] tile, whatever each token selected.
@@ -67,7 +67,7 @@ class MobaConfig:
     finish: the kernel of the own chunk plus the merge: "triton", "mosaic" (`moba_finish_mosaic`:
     a Hopper GPU, one sequence at its default positions, 16-bit inputs, head dim 128, query
     heads per kv head dividing 64, block sizes a multiple of 64), or "auto" (mosaic where it
-    runs and the block size is at most `moba_finish_mosaic.AUTO_MAX_BLOCK`, else triton).
+    runs, else triton).
     """
 
     block_q: int = 256
@@ -615,11 +615,8 @@ def with_kernels(st: _Static, q: jax.Array, num_kv_heads: int, *, one_sequence: 
             f" block size {st.block_size}, one sequence: {one_sequence},"
             f" interpret: {st.interpret}. Use finish='auto' or 'triton'."
         )
-    # auto: Mosaic where it was measured faster (docs/benchmarks.md)
-    fin = st.config.finish == "mosaic" or (
-        st.config.finish == "auto" and runs and st.block_size <= mosaic.AUTO_MAX_BLOCK
-    )
-    return dataclasses.replace(st, mosaic_finish=fin)
+    # auto: Mosaic wherever it runs (measured faster at blocks 512 and 4096, docs/benchmarks.md)
+    return dataclasses.replace(st, mosaic_finish=st.config.finish == "mosaic" or (st.config.finish == "auto" and runs))
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "top_k", "config", "interpret"))

@@ -45,9 +45,6 @@ HALF = ROWS // 2
 BLOCK_KV = 64
 HEAD_DIM = 128
 PARTIAL_SLOTS = 2  # ring of past-slot partials ([ROWS, H] rows + log-sum-exps) per CTA
-# largest block size MobaConfig(finish="auto") sends here: measured faster than the Triton
-# finish kernel at block 512 (docs/benchmarks.md); not measured at longer chunks
-AUTO_MAX_BLOCK = 512
 
 
 @dataclasses.dataclass(frozen=True)

@@ -155,12 +155,11 @@ def test_gpu_mosaic_path_matches_triton_and_reference(t, s, n, kv, h, block, top
 
 
 @pytest.mark.parametrize("finish, block, one_sequence, want", [
-    ("auto", 512, True, True), ("auto", 4096, True, False), ("auto", 512, False, False),
+    ("auto", 512, True, True), ("auto", 4096, True, True), ("auto", 512, False, False),
     ("triton", 512, True, False), ("mosaic", 4096, True, True),
 ])  # fmt: skip
 def test_which_finish_kernel_runs(monkeypatch, finish, block, one_sequence, want):
-    """auto: Mosaic where it runs and the chunks are short (measured faster there), else Triton;
-    an explicit choice wins."""
+    """auto: Mosaic where it runs (measured faster), else Triton; an explicit choice wins."""
     monkeypatch.setattr(mosaic, "fits", lambda q, num_kv_heads, block_size: True)  # as on a Hopper GPU
     st = ma._Static(block, 3, 1.0, ma.MobaConfig(finish=finish), False)
     st = ma.with_kernels(st, jnp.zeros((8, 4, 128), BF16), 2, one_sequence=one_sequence)
