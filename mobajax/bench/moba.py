@@ -180,15 +180,7 @@ def pass_stages(q, k, v, block, top_k, config, reps, interpret=False) -> dict:
         rows = tiles.block_q
         wl = jax.jit(lambda past: ma.work_list(past, k.shape[1], layout.chunk_len.shape[0], rows))
         work = wl(past)
-        @jax.jit
-        def part(q, k, v, work):
-            o, lse = ma.attention_partials(
-                q, k, v, work, layout, slots=past.shape[-1], scale=st.scale, config=tiles,
-                interpret=interpret)  # fmt: skip
-            if st.mosaic_finish:
-                lse = ma.empty_slots_at_neg_inf(lse, past, k.shape[1])
-            return o, lse
-
+        part = jax.jit(lambda q, k, v, work: ma.past_partials(q, k, v, work, past, layout, st=st, config=tiles))
         partials = part(qt, k, v, work)
         fin = finish(sel)
         stages["work_list_s"] = _time(lambda: jax.block_until_ready(wl(past)), reps)

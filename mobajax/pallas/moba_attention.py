@@ -418,14 +418,19 @@ def _attend_pass(q, k, v, pos, own, sel, layout, *, st, config):
     past = sel[..., 1:]
     if past.shape[-1]:
         work = work_list(past, k.shape[1], layout.chunk_len.shape[0], config.block_q)
-        partials = attention_partials(
-            q, k, v, work, layout, slots=past.shape[-1], scale=st.scale, config=config, interpret=st.interpret
-        )
-        if st.mosaic_finish:
-            partials = partials[0], empty_slots_at_neg_inf(partials[1], past, k.shape[1])
+        partials = past_partials(q, k, v, work, past, layout, st=st, config=config)
     else:  # top_k 1: the own chunk only
         partials = jnp.zeros((1, q.shape[-1]), q.dtype), jnp.zeros((1,), jnp.float32)
     return own_and_merge(q, k, v, pos, own, sel, layout, partials, st=st, config=config)
+
+
+def past_partials(q, k, v, work, past, layout, *, st, config):
+    """`attention_partials` of `work` (the `work_list` of past = sel[..., 1:]) in the form the
+    finish kernel st chose reads them: for the Mosaic one, empty slots' log-sum-exps at -inf."""
+    o, lse = attention_partials(
+        q, k, v, work, layout, slots=past.shape[-1], scale=st.scale, config=config, interpret=st.interpret
+    )
+    return o, empty_slots_at_neg_inf(lse, past, k.shape[1]) if st.mosaic_finish else lse
 
 
 def own_and_merge(q, k, v, pos, own, sel, layout, partials, *, st, config):

@@ -151,7 +151,7 @@ def own_chunk_and_merge_mosaic(q, k_pages, v_pages, o_part, lse_part, base, *, n
                 part = plgpu.load(p_smem.at[ps, rows], layout=plgpu.Layout.WGMMA, optimized=False)
                 lse = plgpu.load(lse_smem.at[ps, rows], layout=plgpu.Layout.WGMMA.reduce(1)) * log2_e
                 plgpu.barrier_arrive(p_free.at[ps])
-                m_new = jnp.maximum(m, lse)  # m is finite: every row saw its own key
+                m_new = jnp.maximum(m, lse)  # m is finite: every real token's row saw its own key
                 alpha, weight = jnp.exp2(m - m_new), jnp.exp2(lse - m_new)  # weight 0: an empty slot
                 wide = lax.broadcast_in_dim(weight, acc.shape, [0])
                 # rows of empty slots were never written: weight 0 must not meet their garbage

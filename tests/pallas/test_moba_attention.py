@@ -307,9 +307,9 @@ def test_tiles_shrink_to_fit_shared_memory(head_dim, itemsize, want):
 @pytest.mark.parametrize("t, n, kv, slots", [(37, 32, 8, 11), (5, 12, 4, 2), (9, 6, 2, 3), (4, 4, 4, 1)])
 def test_partials_of_a_finish_tile_are_consecutive_rows(t, n, kv, slots):
     """partial_row is one-to-one into the slots * N * token_stride(T) rows (T rounded up to a
-    multiple of 4), and for every slot the rows of a
-    finish tile (consecutive tokens x the heads of one kv head) form one block starting at the
-    tile's first row, which is what the finish kernel loads."""
+    multiple of 4), and for every slot the rows of a finish tile (consecutive tokens x the heads
+    of one kv head) form one block starting at the tile's first row, which is what the finish
+    kernel loads."""
     group = n // kv
     rows = finish_rows(MobaConfig(block_q=16), group)
     tn = np.arange(t * n)
