@@ -150,6 +150,10 @@ def own_chunk_and_merge_mosaic(q, k_pages, v_pages, o_part, lse_part, base, *, n
                 rows = pl.ds(wg * HALF, HALF)
                 part = plgpu.load(p_smem.at[ps, rows], layout=plgpu.Layout.WGMMA, optimized=False)
                 lse = plgpu.load(lse_smem.at[ps, rows], layout=plgpu.Layout.WGMMA.reduce(1)) * log2_e
+                # every thread's reads of the slot done before it is released to the next TMA
+                # copy: without this fence and warpgroup barrier, on the H100 some 50 of 4.2M
+                # rows per call at 128K came out wrong (docs/benchmarks.md, session 14)
+                plgpu.commit_smem()
                 plgpu.barrier_arrive(p_free.at[ps])
                 m_new = jnp.maximum(m, lse)  # m is finite: every real token's row saw its own key
                 alpha, weight = jnp.exp2(m - m_new), jnp.exp2(lse - m_new)  # weight 0: an empty slot
