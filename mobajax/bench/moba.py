@@ -177,7 +177,7 @@ def pass_stages(q, k, v, block, top_k, config, reps, interpret=False) -> dict:
         "own_chunk_only_s": own_s,
     }
     if past.shape[-1]:
-        rows = tiles.block_q
+        rows = ma.work_rows(st, tiles)
         wl = jax.jit(lambda past: ma.work_list(past, k.shape[1], layout.chunk_len.shape[0], rows))
         work = wl(past)
         part = jax.jit(lambda q, k, v, work: ma.past_partials(q, k, v, work, past, layout, st=st, config=tiles))

@@ -8,7 +8,8 @@ Pipeline (one jit):
    head.
 3. `moba_attention_kernel`: per tile, gather the query rows, stream the chunk's keys (blocks that
    every row sees whole as contiguous loads without a mask, the chunk's tail masked), write a
-   normalised partial output and its log-sum-exp per row.
+   normalised partial output and its log-sum-exp per row. On Hopper, for one sequence of 16-bit
+   inputs, `moba_partials_mosaic` does this step instead (MobaConfig.partials).
 4. `moba_finish_kernel`: per tile of consecutive tokens x the query heads of one kv head, the
    row's past-chunk partials merged by their log-sum-exps, then causal attention over the row's
    own chunk folded in; writes the output. On Hopper, for one sequence of 16-bit inputs,
@@ -37,6 +38,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from mobajax import moba as moba_ref
 from mobajax.pallas import moba_finish_mosaic as mosaic
+from mobajax.pallas import moba_partials_mosaic as mosaic_partials
 from mobajax.pallas import online_softmax as osm
 from mobajax.pallas.moba_gate import (
     MAX_CHUNKS,
@@ -67,7 +69,9 @@ class MobaConfig:
     finish: the kernel of the own chunk plus the merge: "triton", "mosaic" (`moba_finish_mosaic`:
     a Hopper GPU, one sequence at its default positions, 16-bit inputs, head dim 128, query
     heads per kv head dividing 64, block sizes a multiple of 64), or "auto" (mosaic where it
-    runs, else triton).
+    runs, else triton). partials: the past-chunk kernel, "triton", "mosaic"
+    (`moba_partials_mosaic`: where the Mosaic finish runs and the block size is a multiple of
+    128) or "auto" (mosaic where it runs, else triton).
     """
 
     block_q: int = 256
@@ -79,6 +83,7 @@ class MobaConfig:
     gate_scores: int = 16384
     max_partial_bytes: int = 2**33
     finish: str = "auto"
+    partials: str = "auto"
 
     def __post_init__(self):
         for name in ("block_q", "block_k", "gate_block_q", "gate_scores"):
@@ -90,8 +95,11 @@ class MobaConfig:
                 raise ValueError(
                     f"MobaConfig.{name}={getattr(self, name)}: must be 1, 2, 4, 8 or 16"
                 )
-        if self.finish not in ("auto", "triton", "mosaic"):
-            raise ValueError(f"MobaConfig.finish={self.finish!r}: must be 'auto', 'triton' or 'mosaic'")
+        for name in ("finish", "partials"):
+            if getattr(self, name) not in ("auto", "triton", "mosaic"):
+                raise ValueError(
+                    f"MobaConfig.{name}={getattr(self, name)!r}: must be 'auto', 'triton' or 'mosaic'"
+                )
         if self.num_stages < 1 or self.max_partial_bytes < 1:
             raise ValueError(
                 f"num_stages={self.num_stages}, max_partial_bytes={self.max_partial_bytes}:"
@@ -411,13 +419,18 @@ def finish_mosaic(q, k, v, pos, partials, *, past_slots, block_size, scale):
     return out[:num_tokens]
 
 
+def work_rows(st, config: MobaConfig) -> int:
+    """Rows per work-list tile: the past-chunk kernel's tile (`moba_partials_mosaic` or Triton)."""
+    return mosaic.ROWS if st.mosaic_partials else config.block_q
+
+
 def _attend_pass(q, k, v, pos, own, sel, layout, *, st, config):
     """Attention of a run of tokens q [T, N, H] (positions pos [T], own chunks own [T]) over
     their selected chunks -> [T, N, H]: the past chunks bucketed into partials, then the own
     chunk and the merge in one kernel."""
     past = sel[..., 1:]
     if past.shape[-1]:
-        work = work_list(past, k.shape[1], layout.chunk_len.shape[0], config.block_q)
+        work = work_list(past, k.shape[1], layout.chunk_len.shape[0], work_rows(st, config))
         partials = past_partials(q, k, v, work, past, layout, st=st, config=config)
     else:  # top_k 1: the own chunk only
         partials = jnp.zeros((1, q.shape[-1]), q.dtype), jnp.zeros((1,), jnp.float32)
@@ -425,11 +438,21 @@ def _attend_pass(q, k, v, pos, own, sel, layout, *, st, config):
 
 
 def past_partials(q, k, v, work, past, layout, *, st, config):
-    """`attention_partials` of `work` (the `work_list` of past = sel[..., 1:]) in the form the
-    finish kernel st chose reads them: for the Mosaic one, empty slots' log-sum-exps at -inf."""
-    o, lse = attention_partials(
-        q, k, v, work, layout, slots=past.shape[-1], scale=st.scale, config=config, interpret=st.interpret
-    )
+    """The past-chunk partials of `work` (the `work_list` of past = sel[..., 1:], `work_rows`
+    rows), by the kernel st chose, in the form its finish kernel reads them: for the Mosaic
+    one, empty slots' log-sum-exps at -inf."""
+    if st.mosaic_partials:
+        num_tokens, num_heads, head_dim = q.shape
+        o, lse = mosaic_partials.attention_partials_mosaic(
+            q.reshape(-1, head_dim), mosaic_partials.key_pages(k), mosaic_partials.key_pages(v), *work,
+            num_rows=partial_rows(num_tokens, num_heads, past.shape[-1], config, num_heads // k.shape[1]),
+            num_tokens=num_tokens, block_size=st.block_size, slots=past.shape[-1], scale=st.scale,
+            config=mosaic_partials.MobaPartialsConfig(),
+        )  # fmt: skip
+    else:
+        o, lse = attention_partials(
+            q, k, v, work, layout, slots=past.shape[-1], scale=st.scale, config=config, interpret=st.interpret
+        )
     return o, empty_slots_at_neg_inf(lse, past, k.shape[1]) if st.mosaic_finish else lse
 
 
@@ -451,6 +474,7 @@ class _Static:
     config: MobaConfig
     interpret: bool
     mosaic_finish: bool = False  # the own chunk and the merge by `moba_finish_mosaic`
+    mosaic_partials: bool = False  # the past-chunk partials by `moba_partials_mosaic`
 
 
 def num_slots(top_k: int, num_keys: int, block_size: int) -> int:
@@ -620,8 +644,24 @@ def with_kernels(st: _Static, q: jax.Array, num_kv_heads: int, *, one_sequence: 
             f" block size {st.block_size}, one sequence: {one_sequence},"
             f" interpret: {st.interpret}. Use finish='auto' or 'triton'."
         )
-    # auto: Mosaic wherever it runs (measured faster at blocks 512 and 4096, docs/benchmarks.md)
-    return dataclasses.replace(st, mosaic_finish=st.config.finish == "mosaic" or (st.config.finish == "auto" and runs))
+    if st.config.partials == "mosaic" and not (runs and mosaic_partials.fits(st.block_size)):
+        raise ValueError(
+            "MobaConfig.partials='mosaic' needs what finish='mosaic' needs (a Hopper GPU, one"
+            " sequence at its default positions, bf16 or f16, head dim 128, query heads per kv"
+            f" head dividing {mosaic.HALF}) and a block size that is a multiple of"
+            f" {mosaic_partials.BLOCK_KV}; got {q.dtype},"
+            f" head dim {q.shape[-1]}, {q.shape[1]} query heads over {num_kv_heads} kv heads,"
+            f" block size {st.block_size}, one sequence: {one_sequence},"
+            f" interpret: {st.interpret}. Use partials='auto' or 'triton'."
+        )
+    # auto: Mosaic wherever it runs (both kernels measured faster at blocks 512 and 4096,
+    # docs/benchmarks.md)
+    runs_partials = runs and mosaic_partials.fits(st.block_size)
+    return dataclasses.replace(
+        st,
+        mosaic_finish=st.config.finish == "mosaic" or (st.config.finish == "auto" and runs),
+        mosaic_partials=st.config.partials == "mosaic" or (st.config.partials == "auto" and runs_partials),
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "top_k", "config", "interpret"))

@@ -75,13 +75,13 @@ def fits(q: jax.Array, num_kv_heads: int, block_size: int) -> bool:
     )
 
 
-def key_pages(x: jax.Array) -> jax.Array:
-    """k or v [S, K, H] as pages [ceil(S / BLOCK_KV), BLOCK_KV, K, H]: a free reshape when S is a
-    multiple of BLOCK_KV, else a copy padded with zeros, which no query sees."""
-    pad = -x.shape[0] % BLOCK_KV
+def key_pages(x: jax.Array, page: int = BLOCK_KV) -> jax.Array:
+    """k or v [S, K, H] as pages [ceil(S / page), page, K, H]: a free reshape when S is a
+    multiple of page, else a copy padded with zeros, which no query sees."""
+    pad = -x.shape[0] % page
     if pad:
         x = jnp.pad(x, ((0, pad), (0, 0), (0, 0)))
-    return x.reshape(-1, BLOCK_KV, *x.shape[1:])
+    return x.reshape(-1, page, *x.shape[1:])
 
 
 def token_stride(num_tokens: int) -> int:

@@ -1,0 +1,327 @@
+"""MoBA past-chunk partials on Hopper: a persistent Pallas Mosaic GPU kernel (wgmma, warp
+specialization, query rows gathered and partials scattered by per-thread copies).
+
+The same work as `moba_attention.attention_partials` (per row (token, head, past slot): the
+normalised attention over the row's past chunk and its log-sum-exp, written at its
+`partial_row`), for one sequence at its default positions, bf16/f16, head dim 128 and block
+sizes that are a multiple of BLOCK_KV. The work list's tiles (`work_list` with ROWS rows) each
+hold rows that read one past chunk of one kv head; a past chunk is always whole, so every step is
+a full [64, BLOCK_KV] tile, no mask.
+
+Kernel: `num_programs` persistent CTAs; CTA c takes tiles c, c + P, c + 2P, ... of the live
+tiles. Each CTA runs four warpgroups:
+- a row warpgroup gathers a tile's 128 query rows into one of Q_SLOTS SMEM slots with
+  per-thread 16-byte `cp.async` copies (one TMA copy per row costs ~39 ns per SM on the H100,
+  as much as the math: docs/benchmarks.md, session 14), and once the tile is computed scatters
+  its output rows and log-sum-exps from the slot to their `partial_row` rows with per-thread
+  16-byte stores;
+- a key warpgroup streams the chunk's K/V tiles into a ring of STAGES SMEM slots (TMA);
+- two compute warpgroups, each owning 64 rows of a tile: S = Q K^T (wgmma, Q from its SMEM
+  slot), online softmax in base 2, O += P V (wgmma), then the normalised rows into the Q slot
+  and their natural log-sum-exps beside them.
+
+Shapes: q [T * N, H]; K/V pages [S / BLOCK_KV, BLOCK_KV, K, H]; the work list's bucket, start,
+size [W] and order [R' + ROWS] -> o [rows, H] (q's dtype) and lse [rows] float32 in
+`partial_row` order (rows of empty slots and spare rows are not written).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from mobajax.pallas import moba_finish_mosaic as finish_mosaic
+from mobajax.pallas import mosaic_softmax
+from mobajax.pallas.moba_finish_mosaic import HALF, ROWS, token_stride
+
+# keys per K/V tile: 128 (64-key tiles took 1.3 ms more at 128K on the H100). With the query
+# rows in registers (the finish kernel's way) a square 128 x 128 tile gives wrong scores; as an
+# SMEM operand, as here, it is right (docs/benchmarks.md, session 15).
+BLOCK_KV = 128
+STAGES = 2  # K/V tiles in flight: what fits in SMEM beside two Q slots
+Q_SLOTS = 2  # tiles whose query rows / outputs are in SMEM: one computing, one being scattered
+# out and refilled
+CHUNK = 16  # bytes per thread copy
+THREADS = 128  # a warpgroup
+
+
+@dataclasses.dataclass(frozen=True)
+class MobaPartialsConfig:
+    """num_programs: persistent CTAs (the H100's 132 SMs)."""
+
+    num_programs: int = 132
+
+    def __post_init__(self):
+        if self.num_programs < 1:
+            raise ValueError(f"num_programs must be >= 1, got {self.num_programs}")
+
+
+def fits(block_size: int) -> bool:
+    """Whether chunks of block_size keys are whole K/V tiles (the rest of what this kernel
+    needs is `moba_finish_mosaic.fits`)."""
+    return block_size % BLOCK_KV == 0
+
+
+def key_pages(x: jax.Array) -> jax.Array:
+    """k or v [S, K, H] as pages [ceil(S / BLOCK_KV), BLOCK_KV, K, H] (`moba_finish_mosaic.key_pages`)."""
+    return finish_mosaic.key_pages(x, BLOCK_KV)
+
+
+def _row_copies(*, row_bytes, slots, num_heads, num_kv_heads, num_tokens):
+    """The row warpgroup's per-thread copies (Mosaic GPU code inlined into the kernel).
+
+    Thread t of the warpgroup first turns the tile's entry t of the sorted rows into its query
+    row and its `partial_row` (kept in SMEM for the scatter); then it moves bytes
+    [16 (t % c), 16 (t % c) + 16) of rows t // c, t // c + 128 / c, ... (c = row_bytes / 16
+    threads per row), so a warp's copies cover whole rows. A Q slot [2, HALF, H] is tiled (8, 64)
+    with the 128-byte swizzle: the layout wgmma reads its A operand in. Returns (gather, scatter):
+    gather(order, tile, q, slot, rows): tile = [start, size] of the tile in order; rows [2, ROWS]
+      (SMEM) <- each row's query row (0 past size) and `partial_row` (-1 past size); query rows
+      -> slot by cp.async; returns once this thread's copies have landed.
+    scatter(rows, slot, lse_slot, o, lse): row r of slot and lse_slot[r] -> row rows[1, r] of o
+      and lse, for the live rows.
+    """
+    from jax.experimental.mosaic.gpu import utils as mu
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, gpu, llvm
+
+    per_row = row_bytes // CHUNK
+    row_step = THREADS // per_row
+    group = num_heads // num_kv_heads
+    stride = token_stride(num_tokens)
+
+    def b32():
+        return ir.IntegerType.get_signless(32)
+
+    def i32(v):
+        return arith.constant(b32(), v)
+
+    def byte_ptr(ptr, row, row_size, col):
+        """ptr + row * row_size + col bytes (64-bit arithmetic: o spans more than 2 GiB)."""
+        i8, i64 = ir.IntegerType.get_signless(8), ir.IntegerType.get_signless(64)
+        offset = arith.addi(arith.muli(arith.extsi(i64, row), arith.constant(i64, row_size)), arith.extsi(i64, col))
+        return mu.getelementptr(ptr, [offset], i8)
+
+    def load(ptr, index):
+        return llvm.load(b32(), mu.getelementptr(ptr, [index], b32()))
+
+    def store(value, ptr, index):
+        llvm.store(value, mu.getelementptr(ptr, [index], b32()))
+
+    def slot_offset(r, col):
+        """Byte offset of (row r, byte col) in a Q slot [2, HALF, H], tiled (8, 64) with the
+        128-byte swizzle: 16-byte chunk j of row r of a tile sits at chunk j ^ (r % 8)."""
+        half, rr = arith.divui(r, i32(HALF)), arith.remui(r, i32(HALF))
+        j = arith.divui(col, i32(CHUNK))
+        tile = arith.addi(arith.muli(arith.divui(rr, i32(8)), i32(row_bytes // 128)), arith.divui(j, i32(8)))
+        r8 = arith.remui(rr, i32(8))
+        within = arith.addi(arith.muli(r8, i32(128)), arith.muli(arith.xori(arith.remui(j, i32(8)), r8), i32(CHUNK)))
+        return arith.addi(arith.addi(arith.muli(half, i32(HALF * row_bytes)), arith.muli(tile, i32(1024))), within)
+
+    def thread():
+        """(thread id in the warpgroup, its first row, its byte offset in a row)."""
+        tid = arith.remui(arith.index_cast(b32(), gpu.thread_id(gpu.Dimension.x)), i32(THREADS))
+        return tid, arith.divui(tid, i32(per_row)), arith.muli(arith.remui(tid, i32(per_row)), i32(CHUNK))
+
+    def partial_row(e):
+        """`moba_attention.partial_row` of sorted entry e = (token * N + head) * slots + slot."""
+        tn, slot = arith.divsi(e, i32(slots)), arith.remsi(e, i32(slots))
+        tok, head = arith.divsi(tn, i32(num_heads)), arith.remsi(tn, i32(num_heads))
+        block = arith.addi(arith.muli(slot, i32(num_kv_heads)), arith.divsi(head, i32(group)))
+        row = arith.addi(arith.muli(block, i32(stride)), tok)
+        return arith.addi(arith.muli(row, i32(group)), arith.remsi(head, i32(group)))
+
+    slot_type = plgpu.RefType(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+    ref = plgpu.RefType()
+
+    @plgpu.inline_mgpu(arg_types=(ref, ref, ref, slot_type, ref))
+    def gather(ctx, order, tile, q, slot, rows):
+        del ctx
+        tile_ptr, rows_ptr = mu.memref_ptr(tile), mu.memref_ptr(rows)
+        q_ptr, slot_ptr = mu.memref_ptr(q), mu.memref_ptr(slot)
+        tid, row0, col = thread()
+        mu.warpgroup_barrier()  # every thread's scatter of this slot's last tile has read rows
+        start, size = load(tile_ptr, i32(0)), load(tile_ptr, i32(1))
+        for k in range(ROWS // THREADS):
+            r = arith.addi(tid, i32(k * THREADS))
+            live = arith.cmpi(arith.CmpIPredicate.slt, r, size)
+            e = load(mu.memref_ptr(order), arith.select(live, arith.addi(start, r), start))
+            store(arith.select(live, arith.divsi(e, i32(slots)), i32(0)), rows_ptr, r)
+            store(arith.select(live, partial_row(e), i32(-1)), rows_ptr, arith.addi(r, i32(ROWS)))
+        mu.warpgroup_barrier()
+        for k in range(ROWS // row_step):
+            r = arith.addi(row0, i32(k * row_step))
+            src = byte_ptr(q_ptr, load(rows_ptr, r), row_bytes, col)
+            dst = byte_ptr(slot_ptr, slot_offset(r, col), 1, i32(0))
+            mu.inline_ptx(f"cp.async.cg.shared.global [$0], [$1], {CHUNK};", dst, src)
+        mu.inline_ptx("cp.async.commit_group;")
+        mu.inline_ptx("cp.async.wait_group 0;")
+        mu.inline_ptx("fence.proxy.async.shared::cta;")  # wgmma reads the slot (async proxy)
+
+    @plgpu.inline_mgpu(arg_types=(ref, slot_type, ref, ref, ref))
+    def scatter(ctx, rows, slot, lse_slot, o, lse):
+        del ctx
+        rows_ptr, slot_ptr, lse_slot_ptr = mu.memref_ptr(rows), mu.memref_ptr(slot), mu.memref_ptr(lse_slot)
+        o_ptr, lse_ptr = mu.memref_ptr(o), mu.memref_ptr(lse)
+        tid, row0, col = thread()
+        for k in range(ROWS // row_step):
+            r = arith.addi(row0, i32(k * row_step))
+            dest = load(rows_ptr, arith.addi(r, i32(ROWS)))
+            live = arith.cmpi(arith.CmpIPredicate.sge, dest, i32(0))
+            src = byte_ptr(slot_ptr, slot_offset(r, col), 1, i32(0))
+            words = mu.inline_ptx("ld.shared.v4.b32 {$0, $1, $2, $3}, [$4];", src, result_types=[b32()] * 4)
+            dst = byte_ptr(o_ptr, dest, row_bytes, col)
+            mu.inline_ptx("st.global.v4.b32 [$0], {$1, $2, $3, $4};", dst, *words, predicate=live)
+        for k in range(ROWS // THREADS):
+            r = arith.addi(tid, i32(k * THREADS))
+            dest = load(rows_ptr, arith.addi(r, i32(ROWS)))
+            live = arith.cmpi(arith.CmpIPredicate.sge, dest, i32(0))
+            dst = byte_ptr(lse_ptr, dest, 4, i32(0))
+            mu.inline_ptx("st.global.b32 [$0], $1;", dst, load(lse_slot_ptr, r), predicate=live)
+
+    return gather, scatter
+
+
+@functools.partial(jax.jit, static_argnames=("num_rows", "num_tokens", "block_size", "slots", "scale", "config"))
+def attention_partials_mosaic(q, k_pages, v_pages, bucket, start, size, order, *, num_rows, num_tokens,
+                              block_size, slots, scale, config):  # fmt: skip
+    """q [T * N, H]; k_pages, v_pages [S / BLOCK_KV, BLOCK_KV, K, H] (chunk c starts at key
+    c * block_size); bucket, start, size [W] int32 and order [R' + ROWS] int32: `work_list(...,
+    ROWS)` of the past slots (slots of them per (token, head)) -> o [num_rows, H] q's dtype and
+    lse [num_rows] float32 (natural), at the rows' `partial_row`."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    h = q.shape[-1]
+    num_heads = q.shape[0] // num_tokens
+    num_kv_heads = k_pages.shape[2]
+    dtype = q.dtype
+    stages, programs = STAGES, config.num_programs
+    steps = block_size // BLOCK_KV
+    log2_scale = scale / math.log(2.0)
+    gather, scatter = _row_copies(
+        row_bytes=h * dtype.itemsize, slots=slots, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        num_tokens=num_tokens,
+    )  # fmt: skip
+    tiles_live = jnp.count_nonzero(size).astype(jnp.int32)[None]
+    tile = jnp.stack([start, size], axis=1)  # [W, 2]
+
+    def kernel(n_ref, bucket_ref, tile_ref, order_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped):
+        (k_smem, v_smem, q_smem, lse_smem, rows_smem), ready, free = scoped
+        k_ready, v_ready, q_ready, out_ready = ready
+        k_free, v_free = free
+        cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
+        tiles = jnp.maximum(lax.div(n_ref[0] - cta + programs - 1, jnp.int32(programs)), 0)
+
+        @pl.when(wg < 2)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+
+            @pl.loop(0, tiles)
+            def _tile(i):
+                qs = lax.rem(i, Q_SLOTS)
+                my_q = q_smem.at[qs, wg]
+                plgpu.barrier_wait(q_ready.at[qs])
+
+                def step(j, state):
+                    slot = lax.rem(i * steps + j, jnp.int32(stages))
+                    barriers = (k_ready.at[slot], k_free.at[slot], v_ready.at[slot], v_free.at[slot])
+                    return mosaic_softmax.attention_step(
+                        state, my_q, k_smem.at[slot], v_smem.at[slot], barriers, log2_scale=log2_scale
+                    )
+
+                acc, m, l = lax.fori_loop(0, steps, step, mosaic_softmax.initial_state(HALF, h))
+                my_q[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
+                lse_smem.at[qs, wg][...] = (m + jnp.log2(l)) * math.log(2.0)
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(out_ready.at[qs])  # the row warpgroup writes them out
+
+        @pl.when(wg == 2)
+        def _keys():
+            plgpu.set_max_registers(24, action="decrease")
+
+            @pl.loop(0, tiles)
+            def _tile(i):
+                b = bucket_ref[cta + i * programs]
+                first, head = lax.div(b, num_kv_heads) * steps, lax.rem(b, num_kv_heads)
+
+                @pl.loop(0, steps)
+                def _step(j):
+                    g = i * steps + j
+                    slot = lax.rem(g, jnp.int32(stages))
+
+                    kv = ((k_ref, k_smem, k_ready, k_free), (v_ref, v_smem, v_ready, v_free))
+                    for ref, smem, ready_, free_ in kv:
+
+                        @pl.when(g >= stages)
+                        def _(free_=free_):
+                            plgpu.barrier_wait(free_.at[slot])
+
+                        plgpu.copy_gmem_to_smem(ref.at[first + j, :, head], smem.at[slot], ready_.at[slot])
+
+        @pl.when(wg == 3)
+        def _rows():
+            plgpu.set_max_registers(24, action="decrease")
+
+            def write_out(i):
+                qs = lax.rem(i, Q_SLOTS)
+                plgpu.barrier_wait(out_ready.at[qs])
+                scatter(rows_smem.at[qs], q_smem.at[qs], lse_smem.at[qs], o_ref, lse_ref)
+
+            @pl.loop(0, tiles)
+            def _tile(i):
+                qs = lax.rem(i, Q_SLOTS)
+
+                @pl.when(i >= Q_SLOTS)
+                def _():
+                    write_out(i - Q_SLOTS)  # the slot read out before its refill
+
+                gather(order_ref, tile_ref.at[cta + i * programs], q_ref, q_smem.at[qs], rows_smem.at[qs])
+                plgpu.barrier_arrive(q_ready.at[qs])  # every thread: its copies have landed
+
+            @pl.loop(jnp.maximum(tiles - Q_SLOTS, 0), tiles)
+            def _last(i):
+                write_out(i)
+
+    def entry(*refs):
+        transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        pl.run_scoped(
+            lambda *scoped: kernel(*refs, scoped),
+            (
+                plgpu.SMEM((stages, BLOCK_KV, h), dtype, transforms=transforms),
+                plgpu.SMEM((stages, BLOCK_KV, h), dtype, transforms=transforms),
+                plgpu.SMEM((Q_SLOTS, 2, HALF, h), dtype, transforms=transforms),  # Q rows in, outputs out
+                plgpu.SMEM((Q_SLOTS, 2, HALF), jnp.float32),  # the tile's log-sum-exps out
+                plgpu.SMEM((Q_SLOTS, 2, ROWS), jnp.int32),  # the tile's query rows and partial rows
+            ),
+            (
+                plgpu.Barrier(num_barriers=stages),  # a K tile landed
+                plgpu.Barrier(num_barriers=stages),  # a V tile landed
+                plgpu.Barrier(num_barriers=Q_SLOTS),  # a tile's query rows landed
+                plgpu.Barrier(num_arrivals=2, num_barriers=Q_SLOTS),  # a tile's outputs are in its slot
+            ),
+            (
+                plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # K slot free
+                plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # V slot free
+            ),
+            collective_axes="wg",
+        )
+
+    return plgpu.kernel(
+        entry,
+        out_type=(
+            jax.ShapeDtypeStruct((num_rows, h), dtype),
+            jax.ShapeDtypeStruct((num_rows,), jnp.float32),
+        ),
+        grid=(programs,),
+        grid_names=("cta",),
+        num_threads=4,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(tiles_live, bucket, tile, order, q, k_pages, v_pages)
