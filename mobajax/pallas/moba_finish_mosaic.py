@@ -10,13 +10,14 @@ A tile is ROWS // G tokens x the G query heads of one kv head (row r: token t0 +
 h * G + r % G), so its K/V tiles serve all G heads and its rows of each past slot are ROWS
 consecutive partial rows. `num_programs` persistent CTAs take tiles c, c + P, ...; each runs
 four warpgroups:
-- a query warpgroup copies the tile's query rows ([tokens, G, H] boxes of q) into its Q slot
-  (two slots);
+- a row warpgroup gathers the tile's query rows into its Q slot (two slots, in the layout wgmma
+  reads its operand in) and, once the tile is done, writes the slot's output rows out, both by
+  per-thread copies (`mosaic_rows`);
 - a key warpgroup streams the tile's K/V pages (from its first token's chunk start to its last
   token) into a ring, then its past slots' partial rows and log-sum-exps into a second ring;
 - two compute warpgroups of 64 rows: wgmma QK^T, a masked base-2 online softmax and wgmma PV
-  over the own chunk, then the merge of each past slot's partial, and the output rows out
-  through the Q slot with one TMA store.
+  over the own chunk (Q from its SMEM slot), then the merge of each past slot's partial, and
+  the normalised output rows into the Q slot.
 
 Shapes: q [T, N, H]; K/V pages [S' / BLOCK_KV, BLOCK_KV, K, H] (every key a token sees); o_part
 [R + ROWS, H] and lse_part [R + ROWS] (natural, -inf where a slot is empty) in `partial_row`
@@ -34,14 +35,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from mobajax.pallas import mosaic_softmax
+from mobajax.pallas import mosaic_rows, mosaic_softmax
 
-ROWS = 128  # rows per tile: two compute warpgroups of 64 rows (one wgmma M tile each)
-HALF = ROWS // 2
+ROWS, HALF = mosaic_rows.ROWS, mosaic_rows.HALF  # rows per tile; per compute warpgroup
 # keys per K/V tile, read as pages of k viewed as [S / BLOCK_KV, BLOCK_KV, K, H] so that a copy
-# starts at a whole page. On the H100 (jax 0.11.2) a Mosaic MoBA kernel's scores came out wrong
-# whenever the K tile was square: 128 keys at head dim 128, 64 keys at head dim 64
-# (docs/benchmarks.md, session 12). So this takes head dim 128 with 64-key tiles only.
+# starts at a whole page. 128-key tiles would need one partial slot to fit in SMEM, which cost
+# more than they saved (docs/benchmarks.md, session 14).
 BLOCK_KV = 64
 HEAD_DIM = 128
 PARTIAL_SLOTS = 2  # ring of past-slot partials ([ROWS, H] rows + log-sum-exps) per CTA
@@ -96,6 +95,25 @@ def tile_tokens(group: int) -> int:
     return ROWS // group
 
 
+def _rows_of(*, group, num_heads, padded_tokens, num_tokens):
+    """`mosaic_rows.row_copies`' rows_of for a tile (descriptor [first token, kv head]): row r is
+    (token t0 + r // group, head h * group + r % group); read from row min(token, T' - 1) of q,
+    written unless the token is past the last."""
+    from jaxlib.mlir.dialects import arith
+
+    from mobajax.pallas.mosaic_rows import i32, load_i32
+
+    def rows_of(tile, refs, r):
+        del refs
+        token = arith.addi(load_i32(tile, i32(0)), arith.divui(r, i32(group)))
+        head = arith.addi(arith.muli(load_i32(tile, i32(1)), i32(group)), arith.remui(r, i32(group)))
+        src = arith.addi(arith.muli(arith.minsi(token, i32(padded_tokens - 1)), i32(num_heads)), head)
+        live = arith.cmpi(arith.CmpIPredicate.slt, token, i32(num_tokens))
+        return src, arith.select(live, arith.addi(arith.muli(token, i32(num_heads)), head), i32(-1))
+
+    return rows_of
+
+
 @functools.partial(jax.jit, static_argnames=("num_tokens", "block_size", "past_slots", "scale", "config"))
 def own_chunk_and_merge_mosaic(q, k_pages, v_pages, o_part, lse_part, base, *, num_tokens, block_size,
                                past_slots, scale, config):  # fmt: skip
@@ -118,11 +136,15 @@ def own_chunk_and_merge_mosaic(q, k_pages, v_pages, o_part, lse_part, base, *, n
     stride = token_stride(num_tokens)
     log2_scale = scale / math.log(2.0)
     log2_e = 1.0 / math.log(2.0)
+    rows_of = _rows_of(group=group, num_heads=num_heads, padded_tokens=q.shape[0], num_tokens=num_tokens)
+    gather, scatter, _ = mosaic_rows.row_copies(row_bytes=h * dtype.itemsize, rows_of=rows_of)
+    w = jnp.arange(num_tiles, dtype=jnp.int32)
+    tile_desc = jnp.stack([w // num_kv_heads * tokens, w % num_kv_heads], axis=1)  # [W, 2]
 
-    def kernel(base_ref, q_ref, k_ref, v_ref, o_part_ref, lse_part_ref, out_ref, scoped):
-        (k_smem, v_smem, q_smem, p_smem, lse_smem), ready, free = scoped
-        k_ready, v_ready, q_ready, p_ready = ready
-        k_free, v_free, q_free, p_free = free
+    def kernel(base_ref, desc_ref, q_ref, k_ref, v_ref, o_part_ref, lse_part_ref, out_ref, scoped):
+        (k_smem, v_smem, q_smem, p_smem, lse_smem, rows_smem), ready, free = scoped
+        k_ready, v_ready, q_ready, p_ready, out_ready = ready
+        k_free, v_free, p_free = free
         cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
         tiles = jnp.maximum(lax.div(num_tiles - cta + programs - 1, programs), 0)
         pos_base = base_ref[0]
@@ -164,11 +186,10 @@ def own_chunk_and_merge_mosaic(q, k_pages, v_pages, o_part, lse_part, base, *, n
 
             def tile(i, counters):
                 g0, p0 = counters
-                t0, lo, head, steps = tile_keys(i)
+                t0, lo, _, steps = tile_keys(i)
                 qs = lax.rem(i, 2)
-                my_q = q_smem.at[qs, wg].reshape(HALF, h)
-                plgpu.barrier_wait(q_ready.at[qs * 2 + wg])
-                q_rows = plgpu.load(my_q, layout=plgpu.Layout.WGMMA, optimized=False)
+                my_q = q_smem.at[qs, wg]  # the wgmma operand in SMEM, then the output rows
+                plgpu.barrier_wait(q_ready.at[qs])
                 pos = pos_base + t0 + wg * half_tokens + lax.div(qi, group)  # each row's position
                 first = lax.div(pos, block_size) * block_size  # its chunk's first key
 
@@ -177,7 +198,7 @@ def own_chunk_and_merge_mosaic(q, k_pages, v_pages, o_part, lse_part, base, *, n
                     slot = lax.rem(g0 + j, stages)
                     barriers = (k_ready.at[slot], k_free.at[slot], v_ready.at[slot], v_free.at[slot])
                     return mosaic_softmax.attention_step(
-                        state, q_rows, k_smem.at[slot], v_smem.at[slot], barriers, log2_scale=log2_scale,
+                        state, my_q, k_smem.at[slot], v_smem.at[slot], barriers, log2_scale=log2_scale,
                         seen=lambda: (key >= first) & (key <= pos), empty_rows=True,
                     )  # fmt: skip
 
@@ -186,15 +207,10 @@ def own_chunk_and_merge_mosaic(q, k_pages, v_pages, o_part, lse_part, base, *, n
                 acc, _, l = state
                 my_q[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
                 plgpu.commit_smem()
-                # one store of [tokens, G, H]; rows of tokens past the last are dropped by the TMA
-                dst = out_ref.at[pl.ds(t0 + wg * half_tokens, half_tokens), pl.ds(head * group, group)]
-                plgpu.copy_smem_to_gmem(q_smem.at[qs, wg], dst)
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the slot reusable
-                plgpu.barrier_arrive(q_free.at[qs])
+                plgpu.barrier_arrive(out_ready.at[qs])  # the row warpgroup writes them out
                 return g0 + steps, p0 + past_slots
 
             lax.fori_loop(0, tiles, tile, (jnp.int32(0), jnp.int32(0)))
-            plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 2)
         def _keys():
@@ -235,45 +251,52 @@ def own_chunk_and_merge_mosaic(q, k_pages, v_pages, o_part, lse_part, base, *, n
             lax.fori_loop(0, tiles, tile, (jnp.int32(0), jnp.int32(0)))
 
         @pl.when(wg == 3)
-        def _queries():
+        def _rows():
             plgpu.set_max_registers(24, action="decrease")
+
+            def write_out(i):
+                qs = lax.rem(i, 2)
+                plgpu.barrier_wait(out_ready.at[qs])
+                scatter(rows_smem.at[qs], q_smem.at[qs], out_ref)
 
             @pl.loop(0, tiles)
             def _tile(i):
-                t0, _, head, _ = tile_keys(i)
                 qs = lax.rem(i, 2)
 
                 @pl.when(i >= 2)
                 def _():
-                    plgpu.barrier_wait(q_free.at[qs])
+                    write_out(i - 2)  # the slot read out before its refill
 
-                for half in range(2):  # rows of tokens past the last come in as zeros (never stored)
-                    src = q_ref.at[pl.ds(t0 + half * half_tokens, half_tokens), pl.ds(head * group, group)]
-                    dst = q_smem.at[qs, half]
-                    plgpu.copy_gmem_to_smem(src, dst, q_ready.at[qs * 2 + half])
+                gather(desc_ref.at[cta + i * programs], q_ref, q_smem.at[qs], rows_smem.at[qs])
+                plgpu.barrier_arrive(q_ready.at[qs])  # every thread: its copies have landed
+
+            @pl.loop(jnp.maximum(tiles - 2, 0), tiles)
+            def _last(i):
+                write_out(i)
 
     def entry(*refs):
-        transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        transforms = mosaic_rows.slot_transforms()
         pslots = PARTIAL_SLOTS if past_slots else 1
         pl.run_scoped(
             lambda *scoped: kernel(*refs, scoped),
             (
                 plgpu.SMEM((stages, BLOCK_KV, h), dtype, transforms=transforms),
                 plgpu.SMEM((stages, BLOCK_KV, h), dtype, transforms=transforms),
-                plgpu.SMEM((2, 2, half_tokens, group, h), dtype),  # Q rows in, output rows out: untiled
+                plgpu.SMEM((2, 2, HALF, h), dtype, transforms=transforms),  # Q rows in, output rows out
                 plgpu.SMEM((pslots, ROWS if past_slots else 8, h), o_part.dtype),  # past partials
                 plgpu.SMEM((pslots, ROWS), jnp.float32),  # their log-sum-exps
+                plgpu.SMEM((2, 2, ROWS), jnp.int32),  # the tile's rows in q and in out
             ),
             (
                 plgpu.Barrier(num_barriers=stages),  # a K tile landed
                 plgpu.Barrier(num_barriers=stages),  # a V tile landed
-                plgpu.Barrier(num_barriers=4),  # (Q slot, warpgroup) rows landed
+                plgpu.Barrier(num_barriers=2),  # a Q slot's rows landed
                 plgpu.Barrier(num_arrivals=2, num_barriers=pslots),  # a past slot's partials landed
+                plgpu.Barrier(num_arrivals=2, num_barriers=2),  # a Q slot holds the tile's outputs
             ),
             (
                 plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # K slot free
                 plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # V slot free
-                plgpu.Barrier(num_arrivals=2, num_barriers=2),  # Q slot free (outputs read out)
                 plgpu.Barrier(num_arrivals=2, num_barriers=pslots),  # partial slot free
             ),
             collective_axes="wg",
@@ -287,4 +310,4 @@ def own_chunk_and_merge_mosaic(q, k_pages, v_pages, o_part, lse_part, base, *, n
         num_threads=4,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(base, q, k_pages, v_pages, o_part, lse_part)
+    )(base, tile_desc, q, k_pages, v_pages, o_part, lse_part)

@@ -37,18 +37,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from mobajax.pallas import moba_finish_mosaic as finish_mosaic
-from mobajax.pallas import mosaic_softmax
+from mobajax.pallas import mosaic_rows, mosaic_softmax
 from mobajax.pallas.moba_finish_mosaic import HALF, ROWS, token_stride
 
-# keys per K/V tile: 128 (64-key tiles took 1.3 ms more at 128K on the H100). With the query
-# rows in registers (the finish kernel's way) a square 128 x 128 tile gives wrong scores; as an
-# SMEM operand, as here, it is right (docs/benchmarks.md, session 15).
+# keys per K/V tile: 128 (64-key tiles took 0.5 ms more at 128K on the H100). In this kernel,
+# with the query rows as a register operand, 128 x 128 tiles gave wrong scores (as in sessions 12
+# and 14); with Q as an SMEM operand, as here, they are right (docs/benchmarks.md, session 15).
 BLOCK_KV = 128
 STAGES = 2  # K/V tiles in flight: what fits in SMEM beside two Q slots
 Q_SLOTS = 2  # tiles whose query rows / outputs are in SMEM: one computing, one being scattered
 # out and refilled
-CHUNK = 16  # bytes per thread copy
-THREADS = 128  # a warpgroup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,120 +71,31 @@ def key_pages(x: jax.Array) -> jax.Array:
     return finish_mosaic.key_pages(x, BLOCK_KV)
 
 
-def _row_copies(*, row_bytes, slots, num_heads, num_kv_heads, num_tokens):
-    """The row warpgroup's per-thread copies (Mosaic GPU code inlined into the kernel).
+def _rows_of(*, slots, num_heads, num_kv_heads, num_tokens):
+    """`mosaic_rows.row_copies`' rows_of for a work-list tile (descriptor [start, size], ref:
+    the sorted rows): entry r's query row, entry // slots (0 past size), and its `partial_row`
+    (-1 past size)."""
+    from jaxlib.mlir.dialects import arith
 
-    Thread t of the warpgroup first turns the tile's entry t of the sorted rows into its query
-    row and its `partial_row` (kept in SMEM for the scatter); then it moves bytes
-    [16 (t % c), 16 (t % c) + 16) of rows t // c, t // c + 128 / c, ... (c = row_bytes / 16
-    threads per row), so a warp's copies cover whole rows. A Q slot [2, HALF, H] is tiled (8, 64)
-    with the 128-byte swizzle: the layout wgmma reads its A operand in. Returns (gather, scatter):
-    gather(order, tile, q, slot, rows): tile = [start, size] of the tile in order; rows [2, ROWS]
-      (SMEM) <- each row's query row (0 past size) and `partial_row` (-1 past size); query rows
-      -> slot by cp.async; returns once this thread's copies have landed.
-    scatter(rows, slot, lse_slot, o, lse): row r of slot and lse_slot[r] -> row rows[1, r] of o
-      and lse, for the live rows.
-    """
-    from jax.experimental.mosaic.gpu import utils as mu
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-    from jaxlib.mlir import ir
-    from jaxlib.mlir.dialects import arith, gpu, llvm
+    from mobajax.pallas.mosaic_rows import i32, load_i32
 
-    per_row = row_bytes // CHUNK
-    row_step = THREADS // per_row
     group = num_heads // num_kv_heads
     stride = token_stride(num_tokens)
 
-    def b32():
-        return ir.IntegerType.get_signless(32)
-
-    def i32(v):
-        return arith.constant(b32(), v)
-
-    def byte_ptr(ptr, row, row_size, col):
-        """ptr + row * row_size + col bytes (64-bit arithmetic: o spans more than 2 GiB)."""
-        i8, i64 = ir.IntegerType.get_signless(8), ir.IntegerType.get_signless(64)
-        offset = arith.addi(arith.muli(arith.extsi(i64, row), arith.constant(i64, row_size)), arith.extsi(i64, col))
-        return mu.getelementptr(ptr, [offset], i8)
-
-    def load(ptr, index):
-        return llvm.load(b32(), mu.getelementptr(ptr, [index], b32()))
-
-    def store(value, ptr, index):
-        llvm.store(value, mu.getelementptr(ptr, [index], b32()))
-
-    def slot_offset(r, col):
-        """Byte offset of (row r, byte col) in a Q slot [2, HALF, H], tiled (8, 64) with the
-        128-byte swizzle: 16-byte chunk j of row r of a tile sits at chunk j ^ (r % 8)."""
-        half, rr = arith.divui(r, i32(HALF)), arith.remui(r, i32(HALF))
-        j = arith.divui(col, i32(CHUNK))
-        tile = arith.addi(arith.muli(arith.divui(rr, i32(8)), i32(row_bytes // 128)), arith.divui(j, i32(8)))
-        r8 = arith.remui(rr, i32(8))
-        within = arith.addi(arith.muli(r8, i32(128)), arith.muli(arith.xori(arith.remui(j, i32(8)), r8), i32(CHUNK)))
-        return arith.addi(arith.addi(arith.muli(half, i32(HALF * row_bytes)), arith.muli(tile, i32(1024))), within)
-
-    def thread():
-        """(thread id in the warpgroup, its first row, its byte offset in a row)."""
-        tid = arith.remui(arith.index_cast(b32(), gpu.thread_id(gpu.Dimension.x)), i32(THREADS))
-        return tid, arith.divui(tid, i32(per_row)), arith.muli(arith.remui(tid, i32(per_row)), i32(CHUNK))
-
-    def partial_row(e):
-        """`moba_attention.partial_row` of sorted entry e = (token * N + head) * slots + slot."""
+    def partial_row(e):  # `moba_attention.partial_row` of entry e = (token * N + head) * slots + slot
         tn, slot = arith.divsi(e, i32(slots)), arith.remsi(e, i32(slots))
         tok, head = arith.divsi(tn, i32(num_heads)), arith.remsi(tn, i32(num_heads))
         block = arith.addi(arith.muli(slot, i32(num_kv_heads)), arith.divsi(head, i32(group)))
         row = arith.addi(arith.muli(block, i32(stride)), tok)
         return arith.addi(arith.muli(row, i32(group)), arith.remsi(head, i32(group)))
 
-    slot_type = plgpu.RefType(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
-    ref = plgpu.RefType()
+    def rows_of(tile, refs, r):
+        start, size = load_i32(tile, i32(0)), load_i32(tile, i32(1))
+        live = arith.cmpi(arith.CmpIPredicate.slt, r, size)
+        e = load_i32(refs[0], arith.select(live, arith.addi(start, r), start))
+        return arith.select(live, arith.divsi(e, i32(slots)), i32(0)), arith.select(live, partial_row(e), i32(-1))
 
-    @plgpu.inline_mgpu(arg_types=(ref, ref, ref, slot_type, ref))
-    def gather(ctx, order, tile, q, slot, rows):
-        del ctx
-        tile_ptr, rows_ptr = mu.memref_ptr(tile), mu.memref_ptr(rows)
-        q_ptr, slot_ptr = mu.memref_ptr(q), mu.memref_ptr(slot)
-        tid, row0, col = thread()
-        mu.warpgroup_barrier()  # every thread's scatter of this slot's last tile has read rows
-        start, size = load(tile_ptr, i32(0)), load(tile_ptr, i32(1))
-        for k in range(ROWS // THREADS):
-            r = arith.addi(tid, i32(k * THREADS))
-            live = arith.cmpi(arith.CmpIPredicate.slt, r, size)
-            e = load(mu.memref_ptr(order), arith.select(live, arith.addi(start, r), start))
-            store(arith.select(live, arith.divsi(e, i32(slots)), i32(0)), rows_ptr, r)
-            store(arith.select(live, partial_row(e), i32(-1)), rows_ptr, arith.addi(r, i32(ROWS)))
-        mu.warpgroup_barrier()
-        for k in range(ROWS // row_step):
-            r = arith.addi(row0, i32(k * row_step))
-            src = byte_ptr(q_ptr, load(rows_ptr, r), row_bytes, col)
-            dst = byte_ptr(slot_ptr, slot_offset(r, col), 1, i32(0))
-            mu.inline_ptx(f"cp.async.cg.shared.global [$0], [$1], {CHUNK};", dst, src)
-        mu.inline_ptx("cp.async.commit_group;")
-        mu.inline_ptx("cp.async.wait_group 0;")
-        mu.inline_ptx("fence.proxy.async.shared::cta;")  # wgmma reads the slot (async proxy)
-
-    @plgpu.inline_mgpu(arg_types=(ref, slot_type, ref, ref, ref))
-    def scatter(ctx, rows, slot, lse_slot, o, lse):
-        del ctx
-        rows_ptr, slot_ptr, lse_slot_ptr = mu.memref_ptr(rows), mu.memref_ptr(slot), mu.memref_ptr(lse_slot)
-        o_ptr, lse_ptr = mu.memref_ptr(o), mu.memref_ptr(lse)
-        tid, row0, col = thread()
-        for k in range(ROWS // row_step):
-            r = arith.addi(row0, i32(k * row_step))
-            dest = load(rows_ptr, arith.addi(r, i32(ROWS)))
-            live = arith.cmpi(arith.CmpIPredicate.sge, dest, i32(0))
-            src = byte_ptr(slot_ptr, slot_offset(r, col), 1, i32(0))
-            words = mu.inline_ptx("ld.shared.v4.b32 {$0, $1, $2, $3}, [$4];", src, result_types=[b32()] * 4)
-            dst = byte_ptr(o_ptr, dest, row_bytes, col)
-            mu.inline_ptx("st.global.v4.b32 [$0], {$1, $2, $3, $4};", dst, *words, predicate=live)
-        for k in range(ROWS // THREADS):
-            r = arith.addi(tid, i32(k * THREADS))
-            dest = load(rows_ptr, arith.addi(r, i32(ROWS)))
-            live = arith.cmpi(arith.CmpIPredicate.sge, dest, i32(0))
-            dst = byte_ptr(lse_ptr, dest, 4, i32(0))
-            mu.inline_ptx("st.global.b32 [$0], $1;", dst, load(lse_slot_ptr, r), predicate=live)
-
-    return gather, scatter
+    return rows_of
 
 
 @functools.partial(jax.jit, static_argnames=("num_rows", "num_tokens", "block_size", "slots", "scale", "config"))
@@ -205,10 +114,8 @@ def attention_partials_mosaic(q, k_pages, v_pages, bucket, start, size, order, *
     stages, programs = STAGES, config.num_programs
     steps = block_size // BLOCK_KV
     log2_scale = scale / math.log(2.0)
-    gather, scatter = _row_copies(
-        row_bytes=h * dtype.itemsize, slots=slots, num_heads=num_heads, num_kv_heads=num_kv_heads,
-        num_tokens=num_tokens,
-    )  # fmt: skip
+    rows_of = _rows_of(slots=slots, num_heads=num_heads, num_kv_heads=num_kv_heads, num_tokens=num_tokens)
+    gather, scatter, scatter_words = mosaic_rows.row_copies(row_bytes=h * dtype.itemsize, rows_of=rows_of, num_refs=1)
     tiles_live = jnp.count_nonzero(size).astype(jnp.int32)[None]
     tile = jnp.stack([start, size], axis=1)  # [W, 2]
 
@@ -272,7 +179,8 @@ def attention_partials_mosaic(q, k_pages, v_pages, bucket, start, size, order, *
             def write_out(i):
                 qs = lax.rem(i, Q_SLOTS)
                 plgpu.barrier_wait(out_ready.at[qs])
-                scatter(rows_smem.at[qs], q_smem.at[qs], lse_smem.at[qs], o_ref, lse_ref)
+                scatter(rows_smem.at[qs], q_smem.at[qs], o_ref)
+                scatter_words(rows_smem.at[qs], lse_smem.at[qs], lse_ref)
 
             @pl.loop(0, tiles)
             def _tile(i):
@@ -282,7 +190,7 @@ def attention_partials_mosaic(q, k_pages, v_pages, bucket, start, size, order, *
                 def _():
                     write_out(i - Q_SLOTS)  # the slot read out before its refill
 
-                gather(order_ref, tile_ref.at[cta + i * programs], q_ref, q_smem.at[qs], rows_smem.at[qs])
+                gather(tile_ref.at[cta + i * programs], q_ref, q_smem.at[qs], rows_smem.at[qs], order_ref)
                 plgpu.barrier_arrive(q_ready.at[qs])  # every thread: its copies have landed
 
             @pl.loop(jnp.maximum(tiles - Q_SLOTS, 0), tiles)
@@ -290,7 +198,7 @@ def attention_partials_mosaic(q, k_pages, v_pages, bucket, start, size, order, *
                 write_out(i)
 
     def entry(*refs):
-        transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        transforms = mosaic_rows.slot_transforms()
         pl.run_scoped(
             lambda *scoped: kernel(*refs, scoped),
             (

@@ -60,7 +60,7 @@ def test_fits_only_on_hopper_with_its_shapes():
     q = jnp.zeros((8, 4, 128), BF16)
     assert mosaic.fits(q, 2, 512) == mosaic_softmax.on_hopper()
     assert not mosaic.fits(q.astype(F32), 2, 512)
-    assert not mosaic.fits(jnp.zeros((8, 4, 64), BF16), 2, 512)  # square 64-key tiles: wrong on the H100
+    assert not mosaic.fits(jnp.zeros((8, 4, 64), BF16), 2, 512)  # head dim 128 only
     assert not mosaic.fits(q, 2, 96)
     assert not mosaic.fits(jnp.zeros((8, 12, 128), BF16), 4, 512)  # 3 heads per kv head: 64 % 3
 
