@@ -170,6 +170,7 @@ def pass_stages(q, k, v, block, top_k, config, reps, interpret=False) -> dict:
         "pass_tokens": step,
         "passes": -(-s // step),
         "finish_kernel": "mosaic" if st.mosaic_finish else "triton",
+        "partials_kernel": "mosaic" if st.mosaic_partials else "triton",
         "gate_pass_s": _time(lambda: select(qt, k).block_until_ready(), reps),
         "work_list_s": 0.0,  # top_k 1: no past chunks, nothing to merge
         "past_partials_s": 0.0,
@@ -337,6 +338,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--gate-scores", type=int, default=0, help="MobaConfig.gate_scores (0: default)")
     ap.add_argument("--finish", default="auto", choices=["auto", "triton", "mosaic"],
                     help="MobaConfig.finish: the kernel of the own chunk and the merge")  # fmt: skip
+    ap.add_argument("--partials", default="auto", choices=["auto", "triton", "mosaic"],
+                    help="MobaConfig.partials: the kernel of the past chunks")  # fmt: skip
     args = ap.parse_args(argv)
     names = [c for c in args.cases.split(",") if c]
     bad = [c for c in names if c not in CASES]
@@ -359,7 +362,8 @@ def main(argv: list[str]) -> int:
     from mobajax.pallas.moba_attention import MobaConfig
 
     knobs = ("block_q", "block_k", "num_warps", "num_stages", "gate_block_q", "gate_num_warps", "gate_scores")
-    config = MobaConfig(**{x: getattr(args, x) for x in knobs if getattr(args, x)}, finish=args.finish)
+    chosen = {x: getattr(args, x) for x in knobs if getattr(args, x)}
+    config = MobaConfig(**chosen, finish=args.finish, partials=args.partials)
     matmul = matmul_rate()
     rows = []
     for name in names:
