@@ -101,6 +101,14 @@ def paged_kv():
     return PagedKV
 
 
+def random_qkv(seed, t, s, n, kv, h, dtype):
+    """Standard-normal q [t, n, h] and k, v [s, kv, h] in dtype."""
+    rng = np.random.default_rng(seed)
+    return tuple(
+        jnp.asarray(rng.standard_normal(shape), dtype) for shape in ((t, n, h), (s, kv, h), (s, kv, h))
+    )
+
+
 def assert_close(actual, expected, dtype, what=""):
     """float32: 2e-5 abs + rel; bfloat16 (bf16 output rounding and bf16 probabilities in the
     P.V product): 2e-2. NaN never passes."""

@@ -22,18 +22,11 @@ from mobajax.pallas.moba_attention import (
 )
 from mobajax.pallas.moba_finish_mosaic import token_stride
 from mobajax.pallas.moba_gate import chunk_means_pallas, moba_layout, select_chunks_pallas
-from tests.pallas.conftest import assert_close
+from tests.pallas.conftest import assert_close, random_qkv
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 SMALL = MobaConfig(block_q=16, block_k=16, gate_block_q=16)
 
-
-def _qkv(seed, t, s, n, kv, h, dtype):
-    rng = np.random.default_rng(seed)
-    return tuple(
-        jnp.asarray(rng.standard_normal(shape), dtype)
-        for shape in ((t, n, h), (s, kv, h), (s, kv, h))
-    )
 
 
 # T, S, N, K, H, block, top_k, dtype: block sizes 8-256, top-k 1 .. beyond the chunks, GQA 1-32,
@@ -53,7 +46,7 @@ CASES = [
 
 @pytest.mark.parametrize("t,s,n,kv,h,block,top_k,dtype", CASES)
 def test_kernel_matches_reference(t, s, n, kv, h, block, top_k, dtype):
-    q, k, v = _qkv(t + s, t, s, n, kv, h, dtype)
+    q, k, v = random_qkv(t + s, t, s, n, kv, h, dtype)
     sel = moba_select(q, k, block_size=block, top_k=top_k, config=SMALL, interpret=True)
     want_sel = moba_selected_chunks(q, k, block_size=block, top_k=top_k)
     np.testing.assert_array_equal(np.asarray(sel), np.asarray(want_sel))
@@ -67,7 +60,7 @@ def test_ragged_batch_with_empty_and_prefix_sequences_and_padding():
     n, kv, h, block = 4, 2, 16, 16
     cu_q = jnp.array([0, 20, 20, 60, 75], jnp.int32)  # seq 1 has no queries
     cu_k = jnp.array([0, 50, 60, 100, 115], jnp.int32)  # every T_b <= S_b: prefixes
-    q, k, v = _qkv(7, 80, 120, n, kv, h, F32)  # tokens 75..79 are padding
+    q, k, v = random_qkv(7, 80, 120, n, kv, h, F32)  # tokens 75..79 are padding
     args = dict(block_size=block, top_k=3, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
     out = moba_attention(q, k, v, **args, config=SMALL, interpret=True)
     want = moba_attention_reference(q, k, v, **args)
@@ -83,7 +76,7 @@ def test_ragged_batch_with_empty_and_prefix_sequences_and_padding():
 
 
 def test_explicit_positions_and_default_config():
-    q, k, v = _qkv(8, 32, 96, 4, 2, 32, F32)
+    q, k, v = random_qkv(8, 32, 96, 4, 2, 32, F32)
     pos = jnp.arange(40, 72, dtype=jnp.int32)  # a middle slice: later keys must stay unseen
     out = moba_attention(q, k, v, block_size=16, top_k=3, q_positions=pos, interpret=True)
     want = moba_attention_reference(q, k, v, block_size=16, top_k=3, q_positions=pos)
@@ -92,7 +85,7 @@ def test_explicit_positions_and_default_config():
 
 def test_tiles_of_padding_tokens_only():
     # 30 padding tokens after one sequence of 10: own-chunk tiles (8 tokens) with no live row
-    q, k, v = _qkv(10, 40, 30, 4, 2, 16, F32)
+    q, k, v = random_qkv(10, 40, 30, 4, 2, 16, F32)
     args = dict(block_size=16, top_k=2, cu_seqlens_q=jnp.array([0, 10]), cu_seqlens_k=jnp.array([0, 30]))
     out = moba_attention(q, k, v, **args, config=SMALL, interpret=True)
     assert_close(out, moba_attention_reference(q, k, v, **args), F32, "padding tiles")
@@ -102,7 +95,7 @@ def test_tiles_of_padding_tokens_only():
 def test_positions_past_a_sequence_never_read_the_next_one():
     # sequence 0 has 40 keys; its queries at 40..45 (past its last key, within its last chunk)
     # see its own keys only, as in the reference
-    q, k, v = _qkv(9, 32, 96, 4, 2, 32, F32)
+    q, k, v = random_qkv(9, 32, 96, 4, 2, 32, F32)
     cu_q, cu_k = jnp.array([0, 16, 32], jnp.int32), jnp.array([0, 40, 96], jnp.int32)
     pos = jnp.concatenate([jnp.arange(30, 46), jnp.arange(40, 56)]).astype(jnp.int32)
     args = dict(block_size=16, top_k=3, q_positions=pos, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
@@ -114,7 +107,7 @@ def test_positions_past_a_sequence_never_read_the_next_one():
 def test_own_chunk_tiles_ending_anywhere_in_a_key_block(prefix):
     # one head, 16-row tiles: each tile of the own chunk stops at its last token, which with
     # these prefixes lands on, just past and mid-way into a 16-key block
-    q, k, v = _qkv(prefix, 96 - prefix, 96, 1, 1, 16, F32)
+    q, k, v = random_qkv(prefix, 96 - prefix, 96, 1, 1, 16, F32)
     for top_k in (1, 2):
         out = moba_attention(q, k, v, block_size=64, top_k=top_k, config=SMALL, interpret=True)
         want = moba_attention_reference(q, k, v, block_size=64, top_k=top_k)
@@ -122,7 +115,7 @@ def test_own_chunk_tiles_ending_anywhere_in_a_key_block(prefix):
 
 
 def test_several_passes_over_the_tokens_give_the_same_result():
-    q, k, v = _qkv(14, 64, 64, 4, 2, 16, F32)
+    q, k, v = random_qkv(14, 64, 64, 4, 2, 16, F32)
     tiny = MobaConfig(block_q=16, block_k=16, gate_block_q=16, max_partial_bytes=4096)
     out = moba_attention(q, k, v, block_size=16, top_k=2, config=tiny, interpret=True)
     want = moba_attention_reference(q, k, v, block_size=16, top_k=2)
@@ -132,7 +125,7 @@ def test_several_passes_over_the_tokens_give_the_same_result():
 def _check_ties_pick_the_lower_chunk(dtype, interpret):
     row = np.random.default_rng(9).standard_normal((1, 1, 16))
     k = jnp.asarray(np.tile(row, (64, 1, 1)), dtype)  # all pooled keys equal: every score ties
-    q, _, _ = _qkv(9, 64, 64, 2, 1, 16, dtype)
+    q, _, _ = random_qkv(9, 64, 64, 2, 1, 16, dtype)
     sel = moba_select(q, k, block_size=8, top_k=3, config=SMALL, interpret=interpret)
     np.testing.assert_array_equal(
         np.asarray(sel), np.asarray(moba_selected_chunks(q, k, block_size=8, top_k=3))
@@ -161,7 +154,7 @@ GATE_CASES = [
 
 @pytest.mark.parametrize("t,s,n,kv,block,config,dtype", GATE_CASES)
 def test_gate_tiles_of_all_heads_of_a_kv_head(t, s, n, kv, block, config, dtype):
-    q, k, _ = _qkv(t + s + n, t, s, n, kv, 16, dtype)
+    q, k, _ = random_qkv(t + s + n, t, s, n, kv, 16, dtype)
     sel = moba_select(q, k, block_size=block, top_k=4, config=config, interpret=True)
     want = moba_selected_chunks(q, k, block_size=block, top_k=4)
     np.testing.assert_array_equal(np.asarray(sel), np.asarray(want))
@@ -177,7 +170,7 @@ def test_gate_skips_chunk_blocks_past_every_candidate(top_k, block_c, dtype):
     block, n, kv = 4, 8, 2
     cu_q = jnp.array([0, 48, 48, 90, 170], jnp.int32)
     cu_k = jnp.array([0, 300, 300, 450, 980], jnp.int32)
-    q, k, _ = _qkv(top_k + block_c, 180, 980, n, kv, 16, dtype)  # tokens 170..179: padding
+    q, k, _ = random_qkv(top_k + block_c, 180, 980, n, kv, 16, dtype)  # tokens 170..179: padding
     rng = np.random.default_rng(block_c)
     pos = np.zeros(180, np.int32)
     for b in range(4):
@@ -214,7 +207,7 @@ def test_lowers_to_triton(lower_for_gpu, dtype, n):
 
 @pytest.mark.parametrize("n,kv", [(4, 4), (8, 2)])
 def test_gradients_match_reference(n, kv):
-    q, k, v = _qkv(10, 40, 40, n, kv, 16, F32)
+    q, k, v = random_qkv(10, 40, 40, n, kv, 16, F32)
     args = dict(block_size=8, top_k=3)
 
     def loss(q, k, v):
@@ -243,7 +236,7 @@ def test_selection_memory_is_per_token_top_k_not_per_chunk():
     """No array of the compiled program reaches T * N * C elements (a dense gate would)."""
     t, n, kv, h, block, top_k = 1024, 4, 2, 16, 4, 2
     chunks = t // block  # 256: the gate would be 8x the largest array we allow
-    q, k, v = _qkv(11, t, t, n, kv, h, F32)
+    q, k, v = random_qkv(11, t, t, n, kv, h, F32)
     gate_size = t * n * chunks
 
     def compiled(fn):
@@ -271,7 +264,7 @@ def test_selection_memory_is_per_token_top_k_not_per_chunk():
     ],
 )
 def test_bad_input_is_rejected(kwargs, match):
-    q, k, v = _qkv(0, 16, 16384, 2, 2, 16, F32)
+    q, k, v = random_qkv(0, 16, 16384, 2, 2, 16, F32)
     with pytest.raises(ValueError, match=match):
         moba_attention(q, k, v, **kwargs, interpret=True)
 
@@ -281,7 +274,7 @@ def test_bad_config_and_head_dim_are_rejected():
         MobaConfig(block_q=48)
     with pytest.raises(ValueError, match="gate_scores"):
         MobaConfig(gate_scores=3000)
-    q, k, v = _qkv(0, 16, 16, 2, 2, 24, F32)
+    q, k, v = random_qkv(0, 16, 16, 2, 2, 24, F32)
     with pytest.raises(ValueError, match="head dim 24"):
         moba_attention(q, k, v, block_size=8, top_k=2, interpret=True)
 
@@ -334,7 +327,7 @@ def test_gpu_kernel_matches_reference(dtype):
     from mobajax.moba import _gate, chunk_attention
 
     t, s, n, kv, h, block, top_k = 3000, 4096, 8, 2, 128, 256, 3
-    q, k, v = _qkv(12, t, s, n, kv, h, dtype)
+    q, k, v = random_qkv(12, t, s, n, kv, h, dtype)
     sel = moba_select(q, k, block_size=block, top_k=top_k)
     want_sel = moba_selected_chunks(q, k, block_size=block, top_k=top_k)
     flipped = np.asarray(jnp.any(jnp.sort(sel, -1) != jnp.sort(want_sel, -1), axis=-1))
@@ -363,7 +356,7 @@ def test_gpu_ties_pick_the_lower_chunk(dtype):  # the picks' argmax under Triton
 def test_gpu_ragged_and_gradients():
     cu_q = jnp.array([0, 700, 1500, 1800], jnp.int32)
     cu_k = jnp.array([0, 1000, 1800, 2900], jnp.int32)
-    q, k, v = _qkv(13, 1800, 2900, 8, 2, 64, F32)  # float32: selections match exactly
+    q, k, v = random_qkv(13, 1800, 2900, 8, 2, 64, F32)  # float32: selections match exactly
     args = dict(block_size=128, top_k=4, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
     out = moba_attention(q, k, v, **args)
     want = moba_attention_reference(q, k, v, **args)

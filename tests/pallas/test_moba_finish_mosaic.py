@@ -13,16 +13,11 @@ from mobajax.pallas import moba_attention as ma
 from mobajax.pallas import moba_finish_mosaic as mosaic
 from mobajax.pallas import mosaic_softmax
 from mobajax.pallas.moba_gate import moba_layout
+from tests.pallas.conftest import random_qkv
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 SHAPE = jax.ShapeDtypeStruct
 
-
-def _qkv(seed, t, s, n, kv, h, dtype):
-    rng = np.random.default_rng(seed)
-    return tuple(
-        jnp.asarray(rng.standard_normal(shape), dtype) for shape in ((t, n, h), (s, kv, h), (s, kv, h))
-    )
 
 
 @pytest.mark.parametrize("past", [0, 3])
@@ -66,7 +61,7 @@ def test_fits_only_on_hopper_with_its_shapes():
 
 
 def test_mosaic_asked_where_it_cannot_run_is_an_error():
-    q, k, v = _qkv(0, 64, 64, 4, 2, 32, F32)
+    q, k, v = random_qkv(0, 64, 64, 4, 2, 32, F32)
     with pytest.raises(ValueError, match="finish='mosaic' needs a Hopper GPU"):
         ma.moba_attention(q, k, v, block_size=16, top_k=2, interpret=True,
                           config=ma.MobaConfig(finish="mosaic"))  # fmt: skip
@@ -103,7 +98,7 @@ def test_empty_slots_read_as_neg_inf(t, s, n, kv, block, top_k):
     """The Triton kernel's partials as the Mosaic finish reads them: log-sum-exps of empty slots
     (never written) and of the spare rows -inf, the written ones unchanged, and the Triton
     finish gives the same output from them."""
-    q, k, v = _qkv(2, t, s, n, kv, 16, F32)
+    q, k, v = random_qkv(2, t, s, n, kv, 16, F32)
     st = ma._Static(block, top_k, 16**-0.5, ma.MobaConfig(block_q=16, block_k=16, gate_block_q=16), True)
     layout = moba_layout(jnp.array([0, t]), jnp.array([0, s]), None, t, s, block)
     sel = ma._select(st, q, k, layout)
@@ -143,7 +138,7 @@ def test_empty_slots_read_as_neg_inf(t, s, n, kv, block, top_k):
 def test_gpu_mosaic_path_matches_triton_and_reference(t, s, n, kv, h, block, top_k, dtype):
     if not mosaic_softmax.on_hopper():
         pytest.skip("the Mosaic kernel needs a Hopper GPU")
-    q, k, v = _qkv(4, t, s, n, kv, h, dtype)
+    q, k, v = random_qkv(4, t, s, n, kv, h, dtype)
     args = dict(block_size=block, top_k=top_k)
     out = ma.moba_attention(q, k, v, **args, config=ma.MobaConfig(finish="mosaic"))
     triton = ma.moba_attention(q, k, v, **args, config=ma.MobaConfig(finish="triton"))
@@ -156,14 +151,15 @@ def test_gpu_mosaic_path_matches_triton_and_reference(t, s, n, kv, h, block, top
 
 @pytest.mark.gpu
 def test_gpu_mosaic_path_is_deterministic():
-    """Repeated calls give bit-equal outputs. Before its partial ring was fenced, the kernel
-    released a slot to the next TMA copy while reads of it were still pending, and calls
-    differed in a few rows (2 of 8 calls at 16K tokens, every call at 128K)."""
+    """Repeated calls through both Mosaic kernels (this one and `moba_partials_mosaic`) give
+    bit-equal outputs. Before its partial ring was fenced, this kernel released a slot to the next
+    TMA copy while reads of it were still pending, and calls differed in a few rows (2 of 8 calls
+    at 16K tokens, every call at 128K)."""
     if not mosaic_softmax.on_hopper():
         pytest.skip("the Mosaic kernel needs a Hopper GPU")
-    q, k, v = _qkv(5, 65536, 65536, 32, 8, 128, BF16)
-    run = jax.jit(lambda q, k, v: ma.moba_attention(q, k, v, block_size=512, top_k=3,
-                                                    config=ma.MobaConfig(finish="mosaic")))  # fmt: skip
+    q, k, v = random_qkv(5, 65536, 65536, 32, 8, 128, BF16)
+    config = ma.MobaConfig(finish="mosaic", partials="mosaic")
+    run = jax.jit(lambda q, k, v: ma.moba_attention(q, k, v, block_size=512, top_k=3, config=config))
     first = np.asarray(run(q, k, v))
     for _ in range(3):
         np.testing.assert_array_equal(np.asarray(run(q, k, v)), first)
