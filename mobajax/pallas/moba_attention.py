@@ -644,7 +644,8 @@ def with_kernels(st: _Static, q: jax.Array, num_kv_heads: int, *, one_sequence: 
             f" block size {st.block_size}, one sequence: {one_sequence},"
             f" interpret: {st.interpret}. Use finish='auto' or 'triton'."
         )
-    if st.config.partials == "mosaic" and not (runs and mosaic_partials.fits(st.block_size)):
+    runs_partials = runs and mosaic_partials.fits(st.block_size)
+    if st.config.partials == "mosaic" and not runs_partials:
         raise ValueError(
             "MobaConfig.partials='mosaic' needs what finish='mosaic' needs (a Hopper GPU, one"
             " sequence at its default positions, bf16 or f16, head dim 128, query heads per kv"
@@ -656,7 +657,6 @@ def with_kernels(st: _Static, q: jax.Array, num_kv_heads: int, *, one_sequence: 
         )
     # auto: Mosaic wherever it runs (both kernels measured faster at blocks 512 and 4096,
     # docs/benchmarks.md)
-    runs_partials = runs and mosaic_partials.fits(st.block_size)
     return dataclasses.replace(
         st,
         mosaic_finish=st.config.finish == "mosaic" or (st.config.finish == "auto" and runs),
