@@ -67,13 +67,14 @@ def test_mosaic_asked_where_it_cannot_run_is_an_error():
                           config=ma.MobaConfig(finish="mosaic"))  # fmt: skip
 
 
-def test_key_pages_pad_to_whole_pages():
+@pytest.mark.parametrize("page", [mosaic.BLOCK_KV, 128])
+def test_key_pages_pad_to_whole_pages(page):
     x = jnp.arange(130 * 2 * 4, dtype=F32).reshape(130, 2, 4)
-    pages = mosaic.key_pages(x)
-    assert pages.shape == (3, mosaic.BLOCK_KV, 2, 4)
+    pages = mosaic.key_pages(x, page)
+    assert pages.shape == (-(-130 // page), page, 2, 4)
     np.testing.assert_array_equal(pages.reshape(-1, 2, 4)[:130], x)
     assert not pages.reshape(-1, 2, 4)[130:].any()
-    assert mosaic.key_pages(x[:128]).shape == (2, mosaic.BLOCK_KV, 2, 4)
+    assert mosaic.key_pages(x[:128], page).shape == (128 // page, page, 2, 4)
 
 
 @pytest.mark.parametrize("t, n, kv", [(1, 4, 2), (5, 8, 8), (130, 4, 4), (64, 64, 1)])
