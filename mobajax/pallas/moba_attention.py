@@ -2,7 +2,8 @@
 
 Pipeline (one jit):
 1. `moba_gate`: pooled keys per chunk, then per (token, query head) the own chunk plus the top_k - 1
-   best past chunks -> sel [T, N, top_k] int32 (the only selection state in HBM).
+   best past chunks -> sel [T, N, top_k] int32 (the only selection state in HBM). On Hopper,
+   for one sequence of 16-bit inputs, `moba_gate_mosaic` picks the chunks (MobaConfig.gate).
 2. Work list (XLA): every (token, head, past slot) row goes to the bucket (chunk, kv head) it
    reads; one sort by bucket, then tiles of `block_q` rows that all read the same chunk of one kv
    head.
@@ -38,6 +39,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from mobajax import moba as moba_ref
 from mobajax.pallas import moba_finish_mosaic as mosaic
+from mobajax.pallas import moba_gate_mosaic as mosaic_gate
 from mobajax.pallas import moba_partials_mosaic as mosaic_partials
 from mobajax.pallas import online_softmax as osm
 from mobajax.pallas.moba_gate import (
@@ -71,7 +73,10 @@ class MobaConfig:
     heads per kv head dividing 64, block sizes a multiple of 64), or "auto" (mosaic where it
     runs, else triton). partials: the past-chunk kernel, "triton", "mosaic"
     (`moba_partials_mosaic`: where the Mosaic finish runs and the block size is a multiple of
-    128) or "auto" (mosaic where it runs, else triton).
+    128) or "auto" (mosaic where it runs, else triton). gate: the selection kernel, "triton",
+    "mosaic" (`moba_gate_mosaic`: a Hopper GPU, one sequence at its default positions, 16-bit
+    inputs, head dim 128, query heads per kv head dividing 64) or "auto" (mosaic where it runs
+    and top_k <= 5, else triton).
     """
 
     block_q: int = 256
@@ -84,6 +89,7 @@ class MobaConfig:
     max_partial_bytes: int = 2**33
     finish: str = "auto"
     partials: str = "auto"
+    gate: str = "auto"
 
     def __post_init__(self):
         for name in ("block_q", "block_k", "gate_block_q", "gate_scores"):
@@ -95,7 +101,7 @@ class MobaConfig:
                 raise ValueError(
                     f"MobaConfig.{name}={getattr(self, name)}: must be 1, 2, 4, 8 or 16"
                 )
-        for name in ("finish", "partials"):
+        for name in ("finish", "partials", "gate"):
             if getattr(self, name) not in ("auto", "triton", "mosaic"):
                 raise ValueError(
                     f"MobaConfig.{name}={getattr(self, name)!r}: must be 'auto', 'triton' or 'mosaic'"
@@ -475,6 +481,7 @@ class _Static:
     interpret: bool
     mosaic_finish: bool = False  # the own chunk and the merge by `moba_finish_mosaic`
     mosaic_partials: bool = False  # the past-chunk partials by `moba_partials_mosaic`
+    mosaic_gate: bool = False  # the selection by `moba_gate_mosaic`
 
 
 def num_slots(top_k: int, num_keys: int, block_size: int) -> int:
@@ -494,10 +501,28 @@ def _select(st: _Static, q, k, layout):
         k, layout, dtype=q.dtype, block_k=key_block(st.config, st.block_size), interpret=st.interpret,
         num_warps=4
     )
+    if st.mosaic_gate:
+        return select_mosaic(q, kbar, layout, slots=slots, block_size=st.block_size)
     return select_chunks_pallas(
         q, kbar, layout, slots=slots, block_q=st.config.gate_block_q, max_scores=st.config.gate_scores,
         interpret=st.interpret, num_warps=st.config.gate_num_warps,
     )  # fmt: skip
+
+
+def select_mosaic(q, kbar, layout, *, slots, block_size):
+    """`select_chunks_pallas` by `moba_gate_mosaic` for one sequence's tokens q [T, N, H] at
+    consecutive positions (kbar: the hi and lo pooled keys) -> sel [T, N, slots]."""
+    num_tokens, num_heads, _ = q.shape
+    own = jnp.broadcast_to(layout.token_own[:, None, None], (num_tokens, num_heads, 1))
+    if slots == 1:
+        return own
+    short = mosaic.tile_tokens(num_heads // kbar[0].shape[0]) - num_tokens
+    picks = mosaic_gate.select_chunks_mosaic(
+        jnp.pad(q, ((0, short), (0, 0), (0, 0))) if short > 0 else q,
+        *(mosaic_gate.pad_chunks(x) for x in kbar), layout.token_pos[:1], num_tokens=num_tokens,
+        block_size=block_size, picks=slots - 1,
+    )  # fmt: skip
+    return jnp.concatenate([own, picks], axis=-1)
 
 
 def tile_config(config: MobaConfig, block_size: int, head_dim: int, itemsize: int) -> MobaConfig:
@@ -631,6 +656,27 @@ def moba_attention(
     return _moba(st, q, k, v, layout)
 
 
+AUTO_MAX_PICKS = 4  # MobaConfig(gate="auto") takes the Mosaic gate up to top_k 5
+
+
+def with_gate(st: _Static, q: jax.Array, num_kv_heads: int, *, one_sequence: bool) -> _Static:
+    """st with the selection kernel config.gate chooses ("mosaic" where it cannot run is an
+    error). one_sequence: no cu_seqlens and no q_positions."""
+    runs = one_sequence and not st.interpret and mosaic_gate.fits(q, num_kv_heads)
+    if st.config.gate == "mosaic" and not runs:
+        raise ValueError(
+            "MobaConfig.gate='mosaic' needs a Hopper GPU, one sequence at its default positions"
+            " (no cu_seqlens, no q_positions), bf16 or f16, head dim 128 and query heads per kv"
+            f" head dividing {mosaic.HALF}; got {q.dtype}, head dim {q.shape[-1]}, {q.shape[1]}"
+            f" query heads over {num_kv_heads} kv heads, one sequence: {one_sequence},"
+            f" interpret: {st.interpret}. Use gate='auto' or 'triton'."
+        )
+    # auto: Mosaic up to AUTO_MAX_PICKS picks (measured faster at top-k 2-5, slower at 9:
+    # its picks cost more per chunk than the Triton kernel's, docs/benchmarks.md)
+    auto = runs and st.top_k - 1 <= AUTO_MAX_PICKS
+    return dataclasses.replace(st, mosaic_gate=st.config.gate == "mosaic" or (st.config.gate == "auto" and auto))
+
+
 def with_kernels(st: _Static, q: jax.Array, num_kv_heads: int, *, one_sequence: bool) -> _Static:
     """st with the finish kernel config.finish chooses ("mosaic" where it cannot run is an
     error). one_sequence: no cu_seqlens and no q_positions."""
@@ -658,7 +704,7 @@ def with_kernels(st: _Static, q: jax.Array, num_kv_heads: int, *, one_sequence: 
     # auto: Mosaic wherever it runs (both kernels measured faster at blocks 512 and 4096,
     # docs/benchmarks.md)
     return dataclasses.replace(
-        st,
+        with_gate(st, q, num_kv_heads, one_sequence=one_sequence),
         mosaic_finish=st.config.finish == "mosaic" or (st.config.finish == "auto" and runs),
         mosaic_partials=st.config.partials == "mosaic" or (st.config.partials == "auto" and runs_partials),
     )
@@ -684,7 +730,9 @@ def moba_select(
     """
     layout = _prepare(q, k, None, block_size, top_k, cu_seqlens_q, cu_seqlens_k, q_positions,
                       check_v=False)  # fmt: skip
-    sel = _select(_Static(block_size, top_k, 1.0, config, interpret), q, k, layout)
+    st = _Static(block_size, top_k, 1.0, config, interpret)
+    one_sequence = cu_seqlens_k is None and q_positions is None
+    sel = _select(with_gate(st, q, k.shape[1], one_sequence=one_sequence), q, k, layout)
     sel = jnp.where(sel >= 0, sel - layout.token_lo[:, None, None], -1)
     pad = top_k - sel.shape[-1]
     return jnp.pad(sel, ((0, 0), (0, 0), (0, pad)), constant_values=-1) if pad else sel

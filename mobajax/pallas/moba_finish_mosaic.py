@@ -95,7 +95,7 @@ def tile_tokens(group: int) -> int:
     return ROWS // group
 
 
-def _rows_of(*, group, num_heads, padded_tokens, num_tokens):
+def tile_rows_of(*, group, num_heads, padded_tokens, num_tokens):
     """`mosaic_rows.row_copies`' rows_of for a tile (descriptor [first token, kv head]): row r is
     (token t0 + r // group, head h * group + r % group); read from row min(token, T' - 1) of q,
     written unless the token is past the last."""
@@ -136,7 +136,7 @@ def own_chunk_and_merge_mosaic(q, k_pages, v_pages, o_part, lse_part, base, *, n
     stride = token_stride(num_tokens)
     log2_scale = scale / math.log(2.0)
     log2_e = 1.0 / math.log(2.0)
-    rows_of = _rows_of(group=group, num_heads=num_heads, padded_tokens=q.shape[0], num_tokens=num_tokens)
+    rows_of = tile_rows_of(group=group, num_heads=num_heads, padded_tokens=q.shape[0], num_tokens=num_tokens)
     gather, scatter, _ = mosaic_rows.row_copies(row_bytes=h * dtype.itemsize, rows_of=rows_of)
     w = jnp.arange(num_tiles, dtype=jnp.int32)
     tile_desc = jnp.stack([w // num_kv_heads * tokens, w % num_kv_heads], axis=1)  # [W, 2]

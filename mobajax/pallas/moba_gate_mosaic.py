@@ -1,0 +1,231 @@
+"""MoBA gate selection on Hopper: a persistent Pallas Mosaic GPU kernel (wgmma scores, picks in
+registers).
+
+The same selection as `moba_gate.moba_gate_kernel` for one sequence of contiguous positions,
+bf16/f16 and head dim 128: per (token, head), the `picks` past chunks with the highest gate
+scores q . kbar (kbar = hi + lo, the pooled keys to about 2**-16), best first, ties to the lower
+chunk id, -1 past the candidates (the chunks before the token's own).
+
+A tile is ROWS // G tokens x the G query heads of one kv head, as in `moba_finish_mosaic`.
+`num_programs` persistent CTAs take tiles c, c + P, ...; each runs four warpgroups:
+- a row warpgroup gathers the tile's query rows into its Q slot (two slots, in the layout wgmma
+  reads its operand in) by per-thread copies (`mosaic_rows`);
+- a key warpgroup streams the kv head's pooled keys, BLOCK_C chunks at a time (hi and lo), into
+  a ring, up to the block of the tile's last token's own chunk;
+- two compute warpgroups of 64 rows: per block, S = Q hi^T + Q lo^T in one float32 wgmma
+  accumulator, the chunks at or past each row's own masked, then `picks` rounds of (the block's
+  best score, its lowest chunk id among equals), each inserted into a best-first list of `picks`
+  (score, id) row vectors that it ranks above (a later block's chunk never wins a tie, its id is
+  higher); the list's ids go out through SMEM by TMA.
+
+Shapes: q [T', N, H] (T' >= T, T' >= `tile_tokens`); hi, lo [K, Cp, H] (Cp a multiple of
+BLOCK_C); base [1] int32 (position of token 0) -> [T, N, picks] int32 chunk ids.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from mobajax.pallas import moba_finish_mosaic as finish_mosaic
+from mobajax.pallas import mosaic_rows
+from mobajax.pallas.moba_finish_mosaic import HALF, tile_tokens
+
+BLOCK_C = 64  # chunks scored per step: one wgmma N tile
+STAGES = 3  # pooled-key blocks (hi and lo) in flight
+NO_CHUNK = float(2**24)  # an id past every chunk, exact in float32
+
+
+def fits(q: jax.Array, num_kv_heads: int) -> bool:
+    """Whether this kernel takes these queries: what `moba_finish_mosaic.fits` asks of them (a
+    Hopper GPU, bf16/f16, head dim 128, query heads per kv head dividing HALF)."""
+    return finish_mosaic.fits(q, num_kv_heads, finish_mosaic.BLOCK_KV)
+
+
+def pad_chunks(x: jax.Array) -> jax.Array:
+    """Pooled keys [K, Cp, H] with Cp padded with zeros to a multiple of BLOCK_C (no token sees
+    the padding: it lies past the last chunk)."""
+    pad = -x.shape[1] % BLOCK_C
+    return jnp.pad(x, ((0, 0), (0, pad), (0, 0))) if pad else x
+
+
+def _insert(held, top, idx):
+    """held (scores, ids): tuples of row vectors, best first; (top, idx) placed where it ranks
+    above (strictly higher score), the worst pair dropped."""
+    scores, ids = held
+    beats = [top > s for s in scores]
+    new_scores, new_ids = [], []
+    for j, (s, i) in enumerate(zip(scores, ids)):
+        s_here, i_here = jnp.where(beats[j], top, s), jnp.where(beats[j], idx, i)
+        if j:  # shifted down from above where the new pair ranks above that one too
+            s_here = jnp.where(beats[j - 1], scores[j - 1], s_here)
+            i_here = jnp.where(beats[j - 1], ids[j - 1], i_here)
+        new_scores.append(s_here)
+        new_ids.append(i_here)
+    return tuple(new_scores), tuple(new_ids)
+
+
+@functools.partial(jax.jit, static_argnames=("num_tokens", "block_size", "picks", "num_programs"))
+def select_chunks_mosaic(q, hi, lo, base, *, num_tokens, block_size, picks, num_programs=132):
+    """Picks [T, N, picks] int32 of T = num_tokens tokens at positions base[0] + t.
+
+    q [T', N, H] (T' >= T and T' >= `tile_tokens`); hi, lo [K, Cp, H] q's dtype, Cp a multiple of
+    BLOCK_C past the last chunk; base [1] int32."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    _, num_heads, h = q.shape
+    num_kv_heads = hi.shape[0]
+    group = num_heads // num_kv_heads
+    tokens, half_tokens = tile_tokens(group), HALF // group
+    tile_blocks = -(-num_tokens // tokens)
+    num_tiles = tile_blocks * num_kv_heads
+    programs = num_programs
+    rows_of = finish_mosaic.tile_rows_of(
+        group=group, num_heads=num_heads, padded_tokens=q.shape[0], num_tokens=num_tokens
+    )
+    gather, _, _ = mosaic_rows.row_copies(row_bytes=h * q.dtype.itemsize, rows_of=rows_of)
+    w = jnp.arange(num_tiles, dtype=jnp.int32)
+    tile_desc = jnp.stack([w // num_kv_heads * tokens, w % num_kv_heads], axis=1)  # [W, 2]
+    row = plgpu.Layout.WGMMA.reduce(1)
+
+    def kernel(base_ref, desc_ref, q_ref, hi_ref, lo_ref, out_ref, scoped):
+        (hi_smem, lo_smem, q_smem, out_smem, rows_smem), (c_ready, q_ready), (c_free, q_free) = scoped
+        cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
+        tiles = jnp.maximum(lax.div(num_tiles - cta + programs - 1, programs), 0)
+        pos_base = base_ref[0]
+
+        def tile_of(i):
+            """(tile, first token, kv head, chunk blocks) of this CTA's tile i: the blocks up to
+            the one holding the last candidate of the tile's last token."""
+            w = cta + i * programs
+            t0 = lax.div(w, num_kv_heads) * tokens
+            own_last = lax.div(pos_base + jnp.minimum(t0 + tokens, num_tokens) - 1, block_size)
+            return w, t0, lax.rem(w, num_kv_heads), lax.div(own_last + BLOCK_C - 1, BLOCK_C)
+
+        @pl.when(wg < 2)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+            qi = plgpu.broadcasted_iota(jnp.int32, (HALF, BLOCK_C), 0, layout=plgpu.Layout.WGMMA)
+            ci = plgpu.broadcasted_iota(jnp.int32, (HALF, BLOCK_C), 1, layout=plgpu.Layout.WGMMA)
+
+            def tile(i, g0):
+                w, t0, _, blocks = tile_of(i)
+                qs = lax.rem(i, 2)
+                my_q = q_smem.at[qs, wg]
+                plgpu.barrier_wait(q_ready.at[qs])
+                own = lax.div(pos_base + t0 + wg * half_tokens + lax.div(qi, group), block_size)
+
+                def block(b, held):
+                    slot = lax.rem(g0 + b, STAGES)
+                    plgpu.barrier_wait(c_ready.at[slot])
+
+                    def score(acc_ref):
+                        plgpu.wgmma(acc_ref, my_q, hi_smem.at[slot].transpose((1, 0)))
+                        plgpu.wgmma(acc_ref, my_q, lo_smem.at[slot].transpose((1, 0)))
+                        return acc_ref[...]
+
+                    s = pl.run_scoped(score, plgpu.ACC((HALF, BLOCK_C), jnp.float32))
+                    plgpu.barrier_arrive(c_free.at[slot])
+                    chunk = b * BLOCK_C + ci
+                    s = jnp.where(chunk < own, s, -jnp.inf)
+                    cid = chunk.astype(jnp.float32)
+                    for _ in range(min(picks, BLOCK_C)):
+                        top = s.max(axis=1)
+                        idx = jnp.where(s == lax.broadcast_in_dim(top, s.shape, [0]), cid, NO_CHUNK).min(axis=1)
+                        s = jnp.where(cid == lax.broadcast_in_dim(idx, s.shape, [0]), -jnp.inf, s)
+                        held = _insert(held, top, idx)
+                    return held
+
+                empty = plgpu.layout_cast(jnp.full((HALF,), -jnp.inf, jnp.float32), row)
+                none = plgpu.layout_cast(jnp.full((HALF,), NO_CHUNK, jnp.float32), row)
+                scores, ids = lax.fori_loop(0, blocks, block, ((empty,) * picks, (none,) * picks))
+                plgpu.barrier_arrive(q_free.at[qs])  # the slot's last wgmma read is done
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's ids are out
+                for j in range(picks):
+                    out_smem.at[wg, j][...] = jnp.where(scores[j] > -jnp.inf, ids[j], -1.0).astype(jnp.int32)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(out_smem.at[wg], out_ref.at[w, wg])
+                return g0 + blocks
+
+            lax.fori_loop(0, tiles, tile, jnp.int32(0))
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _keys():
+            plgpu.set_max_registers(24, action="decrease")
+
+            def tile(i, g0):
+                _, _, head, blocks = tile_of(i)
+
+                @pl.loop(0, blocks)
+                def _block(b):
+                    g = g0 + b
+                    slot = lax.rem(g, STAGES)
+
+                    @pl.when(g >= STAGES)
+                    def _():
+                        plgpu.barrier_wait(c_free.at[slot])
+
+                    chunks = pl.ds(b * BLOCK_C, BLOCK_C)
+                    plgpu.copy_gmem_to_smem(hi_ref.at[head, chunks], hi_smem.at[slot], c_ready.at[slot])
+                    plgpu.copy_gmem_to_smem(lo_ref.at[head, chunks], lo_smem.at[slot], c_ready.at[slot])
+
+                return g0 + blocks
+
+            lax.fori_loop(0, tiles, tile, jnp.int32(0))
+
+        @pl.when(wg == 3)
+        def _rows():
+            plgpu.set_max_registers(24, action="decrease")
+
+            @pl.loop(0, tiles)
+            def _tile(i):
+                qs = lax.rem(i, 2)
+
+                @pl.when(i >= 2)
+                def _():
+                    plgpu.barrier_wait(q_free.at[qs])  # tile i - 2 is scored
+
+                gather(desc_ref.at[cta + i * programs], q_ref, q_smem.at[qs], rows_smem.at[qs])
+                plgpu.barrier_arrive(q_ready.at[qs])  # every thread: its copies have landed
+
+    def entry(*refs):
+        transforms = mosaic_rows.slot_transforms()
+        pl.run_scoped(
+            lambda *scoped: kernel(*refs, scoped),
+            (
+                plgpu.SMEM((STAGES, BLOCK_C, h), q.dtype, transforms=transforms),
+                plgpu.SMEM((STAGES, BLOCK_C, h), q.dtype, transforms=transforms),
+                plgpu.SMEM((2, 2, HALF, h), q.dtype, transforms=transforms),  # Q rows
+                plgpu.SMEM((2, picks, HALF), jnp.int32),  # a tile's picks, per compute warpgroup
+                plgpu.SMEM((2, 2, mosaic_rows.ROWS), jnp.int32),  # the tile's rows in q
+            ),
+            (
+                plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # a block's hi and lo landed
+                plgpu.Barrier(num_barriers=2),  # a Q slot's rows landed
+            ),
+            (
+                plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # a block's slot free
+                plgpu.Barrier(num_arrivals=2, num_barriers=2),  # a Q slot free
+            ),
+            collective_axes="wg",
+        )
+
+    out = plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct((num_tiles, 2, picks, HALF), jnp.int32),
+        grid=(programs,),
+        grid_names=("cta",),
+        num_threads=4,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(base, tile_desc, q, hi, lo)
+    # tile (token block, kv head), warpgroup, pick, (token, head in the group) -> [T, N, picks]
+    out = out.reshape(tile_blocks, num_kv_heads, 2, picks, half_tokens, group)
+    out = out.transpose(0, 2, 4, 1, 5, 3).reshape(tile_blocks * tokens, num_heads, picks)
+    return out[:num_tokens]
+
