@@ -171,6 +171,7 @@ def pass_stages(q, k, v, block, top_k, config, reps, interpret=False) -> dict:
         "passes": -(-s // step),
         "finish_kernel": "mosaic" if st.mosaic_finish else "triton",
         "partials_kernel": "mosaic" if st.mosaic_partials else "triton",
+        "gate_kernel": "mosaic" if st.mosaic_gate else "triton",
         "gate_pass_s": _time(lambda: select(qt, k).block_until_ready(), reps),
         "work_list_s": 0.0,  # top_k 1: no past chunks, nothing to merge
         "past_partials_s": 0.0,
@@ -340,6 +341,8 @@ def main(argv: list[str]) -> int:
                     help="MobaConfig.finish: the kernel of the own chunk and the merge")  # fmt: skip
     ap.add_argument("--partials", default="auto", choices=["auto", "triton", "mosaic"],
                     help="MobaConfig.partials: the kernel of the past chunks")  # fmt: skip
+    ap.add_argument("--gate", default="auto", choices=["auto", "triton", "mosaic"],
+                    help="MobaConfig.gate: the kernel of the gate's selection")  # fmt: skip
     args = ap.parse_args(argv)
     names = [c for c in args.cases.split(",") if c]
     bad = [c for c in names if c not in CASES]
@@ -363,7 +366,7 @@ def main(argv: list[str]) -> int:
 
     knobs = ("block_q", "block_k", "num_warps", "num_stages", "gate_block_q", "gate_num_warps", "gate_scores")
     chosen = {x: getattr(args, x) for x in knobs if getattr(args, x)}
-    config = MobaConfig(**chosen, finish=args.finish, partials=args.partials)
+    config = MobaConfig(**chosen, finish=args.finish, partials=args.partials, gate=args.gate)
     matmul = matmul_rate()
     rows = []
     for name in names:

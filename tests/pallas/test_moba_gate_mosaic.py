@@ -101,6 +101,7 @@ def test_which_gate_kernel_runs(monkeypatch, gate, one_sequence, top_k, want):
         (1, 5000, 4, 2, 128, 3, BF16),  # one token
         (700, 700, 16, 2, 16, 2, BF16),  # 8 heads per kv head; a tile spans chunks
         (20000, 20000, 8, 2, 16, 8, BF16),  # 1250 chunks: 20 blocks
+        (500, 600, 16, 1, 64, 3, F16),  # 16 heads per kv head: boxes of 8 tokens
     ],
 )
 def test_gpu_mosaic_selection_matches_triton_and_reference(t, s, n, kv, block, top_k, dtype):
