@@ -95,6 +95,13 @@ def tile_tokens(group: int) -> int:
     return ROWS // group
 
 
+def tile_descriptors(num_tiles: int, num_kv_heads: int, tokens: int) -> jax.Array:
+    """[W, 2] int32 (first token, kv head) of tiles w = (token block w // K, kv head w % K), each
+    of `tokens` tokens: the descriptors `tile_rows_of` reads."""
+    w = jnp.arange(num_tiles, dtype=jnp.int32)
+    return jnp.stack([w // num_kv_heads * tokens, w % num_kv_heads], axis=1)
+
+
 def tile_rows_of(*, group, num_heads, padded_tokens, num_tokens):
     """`mosaic_rows.row_copies`' rows_of for a tile (descriptor [first token, kv head]): row r is
     (token t0 + r // group, head h * group + r % group); read from row min(token, T' - 1) of q,
@@ -138,8 +145,7 @@ def own_chunk_and_merge_mosaic(q, k_pages, v_pages, o_part, lse_part, base, *, n
     log2_e = 1.0 / math.log(2.0)
     rows_of = tile_rows_of(group=group, num_heads=num_heads, padded_tokens=q.shape[0], num_tokens=num_tokens)
     gather, scatter, _ = mosaic_rows.row_copies(row_bytes=h * dtype.itemsize, rows_of=rows_of)
-    w = jnp.arange(num_tiles, dtype=jnp.int32)
-    tile_desc = jnp.stack([w // num_kv_heads * tokens, w % num_kv_heads], axis=1)  # [W, 2]
+    tile_desc = tile_descriptors(num_tiles, num_kv_heads, tokens)
 
     def kernel(base_ref, desc_ref, q_ref, k_ref, v_ref, o_part_ref, lse_part_ref, out_ref, scoped):
         (k_smem, v_smem, q_smem, p_smem, lse_smem, rows_smem), ready, free = scoped

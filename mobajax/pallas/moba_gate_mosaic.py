@@ -88,8 +88,7 @@ def select_chunks_mosaic(q, hi, lo, base, *, num_tokens, block_size, picks, num_
         group=group, num_heads=num_heads, padded_tokens=q.shape[0], num_tokens=num_tokens
     )
     gather, _, _ = mosaic_rows.row_copies(row_bytes=h * q.dtype.itemsize, rows_of=rows_of)
-    w = jnp.arange(num_tiles, dtype=jnp.int32)
-    tile_desc = jnp.stack([w // num_kv_heads * tokens, w % num_kv_heads], axis=1)  # [W, 2]
+    tile_desc = finish_mosaic.tile_descriptors(num_tiles, num_kv_heads, tokens)
     row = plgpu.Layout.WGMMA.reduce(1)
 
     def kernel(base_ref, desc_ref, q_ref, hi_ref, lo_ref, out_ref, scoped):
