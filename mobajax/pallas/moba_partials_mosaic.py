@@ -18,7 +18,8 @@ tiles. Each CTA runs four warpgroups:
 - a key warpgroup streams the chunk's K/V tiles into a ring of STAGES SMEM slots (TMA);
 - two compute warpgroups, each owning 64 rows of a tile: S = Q K^T (wgmma, Q from its SMEM
   slot), online softmax in base 2, O += P V (wgmma), then the normalised rows into the Q slot
-  and their natural log-sum-exps beside them.
+  and their natural log-sum-exps beside them. They ping-pong (`mosaic_softmax.attention_step`'s
+  schedule barrier): one's softmax runs while the other's matmuls run.
 
 Shapes: q [T * N, H]; K/V pages [S / BLOCK_KV, BLOCK_KV, K, H]; the work list's bucket, start,
 size [W] and order [R' + ROWS] -> o [rows, H] (q's dtype) and lse [rows] float32 in
@@ -122,13 +123,16 @@ def attention_partials_mosaic(q, k_pages, v_pages, bucket, start, size, order, *
     def kernel(n_ref, bucket_ref, tile_ref, order_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped):
         (k_smem, v_smem, q_smem, lse_smem, rows_smem), ready, free = scoped
         k_ready, v_ready, q_ready, out_ready = ready
-        k_free, v_free = free
+        k_free, v_free, schedule = free
         cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
         tiles = jnp.maximum(lax.div(n_ref[0] - cta + programs - 1, jnp.int32(programs)), 0)
 
         @pl.when(wg < 2)
         def _compute():
             plgpu.set_max_registers(232, action="increase")
+            # ping-pong: warpgroup 1 starts one pass of the schedule barrier behind, so each
+            # warpgroup's softmax runs while the other's matmuls have the tensor cores
+            pl.when(wg == 1)(functools.partial(mosaic_softmax.pass_barrier, schedule))
 
             @pl.loop(0, tiles)
             def _tile(i):
@@ -140,7 +144,8 @@ def attention_partials_mosaic(q, k_pages, v_pages, bucket, start, size, order, *
                     slot = lax.rem(i * steps + j, jnp.int32(stages))
                     barriers = (k_ready.at[slot], k_free.at[slot], v_ready.at[slot], v_free.at[slot])
                     return mosaic_softmax.attention_step(
-                        state, my_q, k_smem.at[slot], v_smem.at[slot], barriers, log2_scale=log2_scale
+                        state, my_q, k_smem.at[slot], v_smem.at[slot], barriers, log2_scale=log2_scale,
+                        schedule=schedule,
                     )
 
                 acc, m, l = lax.fori_loop(0, steps, step, mosaic_softmax.initial_state(HALF, h))
@@ -148,6 +153,8 @@ def attention_partials_mosaic(q, k_pages, v_pages, bucket, start, size, order, *
                 lse_smem.at[qs, wg][...] = (m + jnp.log2(l)) * math.log(2.0)
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(out_ready.at[qs])  # the row warpgroup writes them out
+
+            pl.when(wg == 0)(functools.partial(mosaic_softmax.pass_barrier, schedule))  # and catches up
 
         @pl.when(wg == 2)
         def _keys():
@@ -217,6 +224,7 @@ def attention_partials_mosaic(q, k_pages, v_pages, bucket, start, size, order, *
             (
                 plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # K slot free
                 plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # V slot free
+                plgpu.Barrier(num_arrivals=2),  # the compute warpgroups' ping-pong schedule
             ),
             collective_axes="wg",
         )
