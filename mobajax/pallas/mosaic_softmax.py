@@ -68,10 +68,16 @@ def attention_step(state, q_rows, k_tile, v_tile, barriers, *, log2_scale, seen=
 
     sc = pl.run_scoped(qk, plgpu.ACC((rows, block_kv), jnp.float32))
     plgpu.barrier_arrive(k_free)
-    if seen is not None:
-        sc = jnp.where(seen(), sc, -jnp.inf)
-    # the max of the unscaled scores, scaled once per row: the exponent is then one FMA per score
-    m_new = jnp.maximum(m, sc.max(axis=1) * log2_scale)
+    if log2_scale > 0:  # the raw scores' max, scaled once: each exponent below is one FMA
+        if seen is not None:
+            sc = jnp.where(seen(), sc, -jnp.inf)
+        m_new = jnp.maximum(m, sc.max(axis=1) * log2_scale)
+    else:  # a scale <= 0 reverses (or flattens) the order: scale first, then mask
+        sc = sc * log2_scale
+        if seen is not None:
+            sc = jnp.where(seen(), sc, -jnp.inf)
+        m_new = jnp.maximum(m, sc.max(axis=1))
+        log2_scale = 1.0
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if empty_rows else m_new
     alpha = jnp.exp2(m - m_safe)
     p = jnp.exp2(sc * log2_scale - lax.broadcast_in_dim(m_safe, sc.shape, [0]))

@@ -20,9 +20,10 @@ SHAPE = jax.ShapeDtypeStruct
 
 
 
-@pytest.mark.parametrize("past", [0, 3])
-def test_lowers_to_mosaic_gpu(past):
-    """The whole Pallas -> Mosaic GPU lowering runs on a machine without a GPU."""
+@pytest.mark.parametrize("past, scale", [(0, 128**-0.5), (3, 128**-0.5), (3, -0.5)])
+def test_lowers_to_mosaic_gpu(past, scale):
+    """The whole Pallas -> Mosaic GPU lowering runs on a machine without a GPU (a negative scale
+    takes the softmax step's scale-first branch)."""
     t, n, kv, h, pages = 1000, 16, 4, 128, 64
     fn = jax.jit(
         mosaic.own_chunk_and_merge_mosaic.__wrapped__,
@@ -37,7 +38,7 @@ def test_lowers_to_mosaic_gpu(past):
         SHAPE((rows,), F32),
         SHAPE((1,), jnp.int32),
     )
-    lowered = fn.trace(*args, num_tokens=t, block_size=256, past_slots=past, scale=h**-0.5,
+    lowered = fn.trace(*args, num_tokens=t, block_size=256, past_slots=past, scale=scale,
                        config=mosaic.MobaMosaicConfig())  # fmt: skip
     assert "mosaic_gpu" in lowered.lower(lowering_platforms=("cuda",)).as_text()
 
