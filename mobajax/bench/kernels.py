@@ -54,15 +54,17 @@ def decode_configs(batch: int, context: int, quick: bool) -> list[PagedDecodeCon
     return configs
 
 
-def timeit(fn, *args, iters: int = 10, reps: int = 5) -> float:
-    """Median seconds per call over `reps` batches of `iters` back-to-back calls (after warm-up)."""
-    jax.block_until_ready(fn(*args))
+def timeit(fn, *args, iters: int = 10, reps: int = 5, wait=jax.block_until_ready) -> float:
+    """Median seconds per call over `reps` batches of `iters` back-to-back calls (after warm-up),
+    each batch ended by wait(last result): the device's time per call, the host's dispatch of a
+    call overlapping the device's work on the one before."""
+    wait(fn(*args))
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         for _ in range(iters):
             out = fn(*args)
-        jax.block_until_ready(out)
+        wait(out)
         times.append((time.perf_counter() - start) / iters)
     return statistics.median(times)
 

@@ -3,7 +3,9 @@
 Peers measured in the same run: cuDNN dense causal attention (`jax.nn.dot_product_attention`,
 implementation="cudnn"), torch `flex_attention` with a MoBA block mask (where torch runs; chunks
 chosen per 128-query tile, an easier problem than per-token MoBA), and the bf16 matmul rate (the
-floor for the FLOPs MoBA must do). Writes moba.json and moba.png under --out.
+floor for the FLOPs MoBA must do). Every time is per call over batches of back-to-back calls
+(`_time`): the device's time, not the host's dispatch between blocking calls. Writes moba.json and
+moba.png under --out.
 """
 
 from __future__ import annotations
@@ -35,15 +37,22 @@ def moba_flops(s: int, block: int, top_k: int, heads: int, head_dim: int) -> flo
     return 4.0 * head_dim * heads * keys
 
 
-def _time(fn, reps: int) -> float:
-    """Median seconds of fn() (which blocks until done) after one warm-up."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+def _time(fn, reps: int, wait=None) -> float:
+    """Seconds per call of fn(): median of `reps` batches of back-to-back calls, each batch ended by
+    wait(last result) (`kernels.timeit`; default: jax.block_until_ready), so the host's dispatch of
+    a call overlaps the device's work on the one before. A batch is at least ~0.1 s and 2-10 calls
+    (one call where one takes over a second)."""
+    import jax
+
+    from mobajax.bench.kernels import timeit
+
+    wait = wait or jax.block_until_ready
+    wait(fn())
+    start = time.perf_counter()
+    wait(fn())
+    single = time.perf_counter() - start
+    iters = 1 if single > 1.0 else min(10, max(2, math.ceil(0.1 / single)))
+    return timeit(fn, iters=iters, reps=reps, wait=wait)
 
 
 def _flex(s, block, top_k, heads, kv_heads, head_dim, reps):
@@ -86,10 +95,9 @@ def _flex(s, block, top_k, heads, kv_heads, head_dim, reps):
         flex = torch.compile(flex_attention)
 
         def run():
-            flex(q, k, v, block_mask=mask, enable_gqa=True)
-            torch.cuda.synchronize()
+            return flex(q, k, v, block_mask=mask, enable_gqa=True)
 
-        out = _time(run, reps)
+        out = _time(run, reps, wait=lambda _: torch.cuda.synchronize())
         del q, k, v, mask, full, diag
         torch.cuda.empty_cache()
         return out
@@ -165,14 +173,14 @@ def pass_stages(q, k, v, block, top_k, config, reps, interpret=False) -> dict:
 
     none = jnp.zeros((1, h), q.dtype), jnp.zeros((1,), jnp.float32)
     own = finish(sel[..., :1])
-    own_s = _time(lambda: own(qt, k, v, none).block_until_ready(), reps)
+    own_s = _time(lambda: own(qt, k, v, none), reps)
     stages = {
         "pass_tokens": step,
         "passes": -(-s // step),
         "finish_kernel": "mosaic" if st.mosaic_finish else "triton",
         "partials_kernel": "mosaic" if st.mosaic_partials else "triton",
         "gate_kernel": "mosaic" if st.mosaic_gate else "triton",
-        "gate_pass_s": _time(lambda: select(qt, k).block_until_ready(), reps),
+        "gate_pass_s": _time(lambda: select(qt, k), reps),
         "work_list_s": 0.0,  # top_k 1: no past chunks, nothing to merge
         "past_partials_s": 0.0,
         "own_chunk_and_merge_s": own_s,
@@ -185,9 +193,9 @@ def pass_stages(q, k, v, block, top_k, config, reps, interpret=False) -> dict:
         part = jax.jit(lambda q, k, v, work: ma.past_partials(q, k, v, work, past, layout, st=st, config=tiles))
         partials = part(qt, k, v, work)
         fin = finish(sel)
-        stages["work_list_s"] = _time(lambda: jax.block_until_ready(wl(past)), reps)
-        stages["past_partials_s"] = _time(lambda: jax.block_until_ready(part(qt, k, v, work)), reps)
-        stages["own_chunk_and_merge_s"] = _time(lambda: fin(qt, k, v, partials).block_until_ready(), reps)
+        stages["work_list_s"] = _time(lambda: wl(past), reps)
+        stages["past_partials_s"] = _time(lambda: part(qt, k, v, work), reps)
+        stages["own_chunk_and_merge_s"] = _time(lambda: fin(qt, k, v, partials), reps)
     return stages
 
 
@@ -209,7 +217,7 @@ def _sweep(q, k, v, block, top_k, reps, jax, jnp):
         f = jax.jit(lambda q, k, v, c=cfg: ma.moba_attention(q, k, v, block_size=block,
                                                            top_k=top_k, config=c))  # fmt: skip
         try:
-            t = _time(lambda: f(q, k, v).block_until_ready(), reps)
+            t = _time(lambda: f(q, k, v), reps)
         except Exception as err:  # noqa: BLE001
             out.append({"config": str(cfg), "error": str(err)[:200]})
             continue
@@ -222,7 +230,7 @@ def _sweep(q, k, v, block, top_k, reps, jax, jnp):
                                                       config=c))  # fmt: skip
         row = {"gate_config": f"block_q={gq} warps={gw} scores={gs}"}
         try:  # a large tile can run out of registers at compile time
-            row["gate_s"] = _time(lambda: g(q, k).block_until_ready(), reps)
+            row["gate_s"] = _time(lambda: g(q, k), reps)
         except Exception as err:  # noqa: BLE001
             row["error"] = str(err)[:200]
         out.append(row)
@@ -249,8 +257,8 @@ def _case(name, s, block, top_k, args, matmul, jax, jnp, config):
     out = fwd(q, k, v)
     row.update(_check(q, k, v, out, block, top_k, jax, jnp))
     del out
-    row["moba_s"] = _time(lambda: fwd(q, k, v).block_until_ready(), reps)
-    row["gate_s"] = _time(lambda: gate(q, k).block_until_ready(), reps)
+    row["moba_s"] = _time(lambda: fwd(q, k, v), reps)
+    row["gate_s"] = _time(lambda: gate(q, k), reps)
     row["gate_share"] = row["gate_s"] / row["moba_s"]
     flops = moba_flops(s, block, top_k, n, h)
     row["moba_tflops"] = flops / row["moba_s"] / 1e12
@@ -268,7 +276,7 @@ def _case(name, s, block, top_k, args, matmul, jax, jnp, config):
                                                          implementation="cudnn")  # fmt: skip
         )
         reps = args.reps if s <= 131072 else 1
-        row["cudnn_s"] = _time(lambda: dense(qb, kb, vb).block_until_ready(), reps)
+        row["cudnn_s"] = _time(lambda: dense(qb, kb, vb), reps)
         row["cudnn_tflops"] = dense_flops / row["cudnn_s"] / 1e12
         row["speedup_vs_cudnn"] = row["cudnn_s"] / row["moba_s"]
         # prediction: MoBA's FLOPs at cuDNN's dense rate

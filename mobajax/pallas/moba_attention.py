@@ -229,6 +229,8 @@ def work_list(sel, num_kv_heads, num_chunks, block_q):
     num_buckets = num_chunks * num_kv_heads
     kvh = (jnp.arange(num_heads, dtype=jnp.int32) // (num_heads // num_kv_heads))[None, :, None]
     keys = jnp.where(sel >= 0, sel * num_kv_heads + kvh, num_buckets).reshape(-1)
+    # block_q more keys past every bucket: the sorted rows come out padded
+    keys = jnp.pad(keys, (0, block_q), constant_values=num_buckets)
     if num_buckets < 2**16 - 1:  # 16-bit keys: half the radix passes of a 32-bit sort
         keys = keys.astype(jnp.uint16)
     rows = jnp.arange(keys.shape[0], dtype=jnp.int32)
@@ -238,7 +240,7 @@ def work_list(sel, num_kv_heads, num_chunks, block_q):
     first, counts = edges[:-1], jnp.diff(edges)
     tiles = -(-counts // block_q)
     tile_end = jnp.cumsum(tiles)
-    num_tiles = -(-keys.shape[0] // block_q) + num_buckets  # static bound
+    num_tiles = -(-sel.size // block_q) + num_buckets  # static bound
     w = jnp.arange(num_tiles, dtype=jnp.int32)
     b = jnp.searchsorted(tile_end, w, side="right", method="scan_unrolled")
     b = jnp.minimum(b, num_buckets - 1).astype(jnp.int32)
@@ -246,7 +248,6 @@ def work_list(sel, num_kv_heads, num_chunks, block_q):
     size = jnp.clip(counts[b] - local * block_q, 0, block_q)
     size = jnp.where(w < tile_end[-1], size, 0)
     start = jnp.where(size > 0, first[b] + local * block_q, 0)
-    order = jnp.pad(order, (0, block_q))
     return b, start, size, order
 
 
@@ -401,17 +402,6 @@ def partial_rows(num_tokens, num_heads, slots, config, group):
     return slots * num_heads * mosaic.token_stride(num_tokens) + max(finish_rows(config, group), mosaic.ROWS)
 
 
-def empty_slots_at_neg_inf(lse, past, num_kv_heads):
-    """lse [R + P] in `partial_row` order with -inf on the rows of empty past slots (past
-    [T, N, J'] < 0) and on the spare rows, which no kernel writes."""
-    num_tokens, num_heads, slots = past.shape
-    group = num_heads // num_kv_heads
-    live = (past >= 0).reshape(num_tokens, num_kv_heads, group, slots).transpose(3, 1, 0, 2)
-    live = jnp.pad(live, ((0, 0), (0, 0), (0, mosaic.token_stride(num_tokens) - num_tokens), (0, 0)))
-    live = jnp.pad(live.reshape(-1), (0, lse.shape[0] - live.size))
-    return jnp.where(live, lse, -jnp.inf)
-
-
 def finish_mosaic(q, k, v, pos, partials, *, past_slots, block_size, scale):
     """`finish` by `moba_finish_mosaic` for one sequence's tokens q [T, N, H] at consecutive
     positions pos [T] (k/v: every key they see) -> out [T, N, H]."""
@@ -445,8 +435,7 @@ def _attend_pass(q, k, v, pos, own, sel, layout, *, st, config):
 
 def past_partials(q, k, v, work, past, layout, *, st, config):
     """The past-chunk partials of `work` (the `work_list` of past = sel[..., 1:], `work_rows`
-    rows), by the kernel st chose, in the form its finish kernel reads them: for the Mosaic
-    one, empty slots' log-sum-exps at -inf."""
+    rows), by the kernel st chose: (o, lse) at `partial_row`, rows of empty slots not written."""
     if st.mosaic_partials:
         num_tokens, num_heads, head_dim = q.shape
         o, lse = mosaic_partials.attention_partials_mosaic(
@@ -459,7 +448,7 @@ def past_partials(q, k, v, work, past, layout, *, st, config):
         o, lse = attention_partials(
             q, k, v, work, layout, slots=past.shape[-1], scale=st.scale, config=config, interpret=st.interpret
         )
-    return o, empty_slots_at_neg_inf(lse, past, k.shape[1]) if st.mosaic_finish else lse
+    return o, lse
 
 
 def own_and_merge(q, k, v, pos, own, sel, layout, partials, *, st, config):

@@ -20,8 +20,8 @@ four warpgroups:
   the normalised output rows into the Q slot.
 
 Shapes: q [T, N, H]; K/V pages [S' / BLOCK_KV, BLOCK_KV, K, H] (every key a token sees); o_part
-[R + ROWS, H] and lse_part [R + ROWS] (natural, -inf where a slot is empty) in `partial_row`
-order, R = past slots * N * `token_stride(T)` -> out [T, N, H] in q's dtype.
+[R + ROWS, H] and lse_part [R + ROWS] (natural; a token's past slot j is empty, and its rows
+never read, where the token's own chunk index is <= j) in `partial_row` order, R = past slots * N * `token_stride(T)` -> out [T, N, H] in q's dtype.
 """
 
 from __future__ import annotations
@@ -128,8 +128,9 @@ def own_chunk_and_merge_mosaic(q, k_pages, v_pages, o_part, lse_part, base, *, n
 
     q [T', N, H] (T' >= T and T' >= `tile_tokens`; rows past T are ignored); k_pages, v_pages
     [S' / BLOCK_KV, BLOCK_KV, K, H]; o_part [R + ROWS, H], lse_part [R + ROWS] float32: the past
-    slots' partials in `partial_row` order, R = past_slots * N * `token_stride(T)`, lse -inf where
-    a slot is empty (both ignored if past_slots is 0); base [1] int32
+    slots' partials in `partial_row` order, R = past_slots * N * `token_stride(T)` (rows of empty
+    slots, past slot j of a token whose own chunk index is <= j, are ignored, as both are if
+    past_slots is 0); base [1] int32
     -> [T', N, H] in q's dtype (rows past T: garbage)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -169,15 +170,18 @@ def own_chunk_and_merge_mosaic(q, k_pages, v_pages, o_part, lse_part, base, *, n
             qi = plgpu.broadcasted_iota(jnp.int32, (HALF, BLOCK_KV), 0, layout=plgpu.Layout.WGMMA)
             ki = plgpu.broadcasted_iota(jnp.int32, (HALF, BLOCK_KV), 1, layout=plgpu.Layout.WGMMA)
 
-            def merge(state, p):
+            def merge(state, p, j, own):
                 """Fold the partial rows (normalised, natural log-sum-exp) of the p-th past slot
-                this warpgroup merges into state."""
+                this warpgroup merges, past slot j of its tile, into state; own [HALF]: each
+                row's own chunk index, the number of past chunks it can pick, so slot j is
+                empty (never written) where own <= j."""
                 acc, m, l = state
                 ps = lax.rem(p, PARTIAL_SLOTS)
                 plgpu.barrier_wait(p_ready.at[ps])
                 rows = pl.ds(wg * HALF, HALF)
                 part = plgpu.load(p_smem.at[ps, rows], layout=plgpu.Layout.WGMMA, optimized=False)
-                lse = plgpu.load(lse_smem.at[ps, rows], layout=plgpu.Layout.WGMMA.reduce(1)) * log2_e
+                lse = plgpu.load(lse_smem.at[ps, rows], layout=plgpu.Layout.WGMMA.reduce(1))
+                lse = jnp.where(own > j, lse * log2_e, -jnp.inf)
                 # every thread's reads of the slot done before it is released to the next TMA
                 # copy: without this fence and warpgroup barrier, on the H100 some 50 of 4.2M
                 # rows per call at 128K came out wrong (docs/benchmarks.md, session 14)
@@ -209,7 +213,10 @@ def own_chunk_and_merge_mosaic(q, k_pages, v_pages, o_part, lse_part, base, *, n
                     )  # fmt: skip
 
                 state = lax.fori_loop(0, steps, step, mosaic_softmax.initial_state(HALF, h))
-                state = lax.fori_loop(p0, p0 + past_slots, lambda p, st: merge(st, p), state)
+                if past_slots:
+                    ri = plgpu.broadcasted_iota(jnp.int32, (HALF,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
+                    own = lax.div(pos_base + t0 + wg * half_tokens + lax.div(ri, group), block_size)
+                    state = lax.fori_loop(0, past_slots, lambda j, st: merge(st, p0 + j, j, own), state)
                 acc, _, l = state
                 my_q[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
                 plgpu.commit_smem()

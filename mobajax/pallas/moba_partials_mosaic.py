@@ -18,8 +18,10 @@ tiles. Each CTA runs four warpgroups:
 - a key warpgroup streams the chunk's K/V tiles into a ring of STAGES SMEM slots (TMA);
 - two compute warpgroups, each owning 64 rows of a tile: S = Q K^T (wgmma, Q from its SMEM
   slot), online softmax in base 2, O += P V (wgmma), then the normalised rows into the Q slot
-  and their natural log-sum-exps beside them. They ping-pong (`mosaic_softmax.attention_step`'s
-  schedule barrier): one's softmax runs while the other's matmuls run.
+  and their natural log-sum-exps beside them (`mosaic_softmax.pipelined_attention`). Each
+  issues a step's Q K^T with the previous step's P V and runs the step's softmax while that
+  P V is in flight (FA3's intra-warpgroup overlap), and the two ping-pong (a schedule barrier):
+  one's softmax runs while the other's matmuls run.
 
 Shapes: q [T * N, H]; K/V pages [S / BLOCK_KV, BLOCK_KV, K, H]; the work list's bucket, start,
 size [W] and order [R' + ROWS] -> o [rows, H] (q's dtype) and lse [rows] float32 in
@@ -140,15 +142,17 @@ def attention_partials_mosaic(q, k_pages, v_pages, bucket, start, size, order, *
                 my_q = q_smem.at[qs, wg]
                 plgpu.barrier_wait(q_ready.at[qs])
 
-                def step(j, state):
-                    slot = lax.rem(i * steps + j, jnp.int32(stages))
-                    barriers = (k_ready.at[slot], k_free.at[slot], v_ready.at[slot], v_free.at[slot])
-                    return mosaic_softmax.attention_step(
-                        state, my_q, k_smem.at[slot], v_smem.at[slot], barriers, log2_scale=log2_scale,
-                        schedule=schedule,
-                    )
+                def slot_of(j):
+                    return lax.rem(i * steps + j, jnp.int32(stages))
 
-                acc, m, l = lax.fori_loop(0, steps, step, mosaic_softmax.initial_state(HALF, h))
+                def barriers(j):
+                    slot = slot_of(j)
+                    return k_ready.at[slot], k_free.at[slot], v_ready.at[slot], v_free.at[slot]
+
+                acc, m, l = mosaic_softmax.pipelined_attention(
+                    my_q, lambda j: k_smem.at[slot_of(j)], lambda j: v_smem.at[slot_of(j)], barriers, steps,
+                    log2_scale=log2_scale, schedule=schedule,
+                )
                 my_q[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
                 lse_smem.at[qs, wg][...] = (m + jnp.log2(l)) * math.log(2.0)
                 plgpu.commit_smem()

@@ -1,10 +1,11 @@
-"""What the Mosaic GPU attention kernels share: the Hopper check and one online-softmax attention
-step of a compute warpgroup (wgmma), optionally ping-ponged with a second one.
+"""What the Mosaic GPU attention kernels share: the Hopper check, the online-softmax update, one
+attention step of a compute warpgroup (wgmma), optionally ping-ponged with a second one, and a
+pipelined loop over whole tiles.
 
-Used by the Mosaic attention kernels (`paged_prefill_mosaic`, `moba_finish_mosaic`,
-`moba_partials_mosaic`): a warpgroup holds its query rows in registers or SMEM and a state
-(acc [rows, H] float32, running max m and sum l [rows], base 2) in the wgmma layouts, and folds
-in one K/V tile from SMEM per step.
+Used by the Mosaic attention kernels (`paged_prefill_mosaic` and `moba_finish_mosaic` by step,
+`moba_partials_mosaic` by the pipelined loop): a warpgroup holds its query rows in registers or
+SMEM and a state (acc [rows, H] float32, running max m and sum l [rows], base 2) in the wgmma
+layouts, and folds in one K/V tile from SMEM per step.
 """
 
 from __future__ import annotations
@@ -41,6 +42,26 @@ def initial_state(rows: int, head_dim: int):
     )
 
 
+def softmax_update(sc, m, l, *, log2_scale, seen=None, empty_rows=False):
+    """The online-softmax update of raw scores sc = Q K^T [rows, block_kv] (wgmma layout) with
+    running max m and sum l [rows] (base 2) -> (p [rows, block_kv] float32, new m, new l, alpha:
+    the factor that rescales the old accumulator). seen, empty_rows: as in `attention_step`."""
+    if log2_scale > 0:  # the raw scores' max, scaled once: each exponent below is one FMA
+        if seen is not None:
+            sc = jnp.where(seen(), sc, -jnp.inf)
+        m_new = jnp.maximum(m, sc.max(axis=1) * log2_scale)
+    else:  # a scale <= 0 reverses (or flattens) the order: scale first, then mask
+        sc = sc * log2_scale
+        if seen is not None:
+            sc = jnp.where(seen(), sc, -jnp.inf)
+        m_new = jnp.maximum(m, sc.max(axis=1))
+        log2_scale = 1.0
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if empty_rows else m_new
+    alpha = jnp.exp2(m - m_safe)
+    p = jnp.exp2(sc * log2_scale - lax.broadcast_in_dim(m_safe, sc.shape, [0]))
+    return p, m_new, l * alpha + p.sum(axis=1), alpha
+
+
 def attention_step(state, q_rows, k_tile, v_tile, barriers, *, log2_scale, seen=None, empty_rows=False, schedule=None):
     """Fold K/V tiles k_tile, v_tile [block_kv, H] (SMEM refs) into state.
 
@@ -68,20 +89,7 @@ def attention_step(state, q_rows, k_tile, v_tile, barriers, *, log2_scale, seen=
 
     sc = pl.run_scoped(qk, plgpu.ACC((rows, block_kv), jnp.float32))
     plgpu.barrier_arrive(k_free)
-    if log2_scale > 0:  # the raw scores' max, scaled once: each exponent below is one FMA
-        if seen is not None:
-            sc = jnp.where(seen(), sc, -jnp.inf)
-        m_new = jnp.maximum(m, sc.max(axis=1) * log2_scale)
-    else:  # a scale <= 0 reverses (or flattens) the order: scale first, then mask
-        sc = sc * log2_scale
-        if seen is not None:
-            sc = jnp.where(seen(), sc, -jnp.inf)
-        m_new = jnp.maximum(m, sc.max(axis=1))
-        log2_scale = 1.0
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if empty_rows else m_new
-    alpha = jnp.exp2(m - m_safe)
-    p = jnp.exp2(sc * log2_scale - lax.broadcast_in_dim(m_safe, sc.shape, [0]))
-    l = l * alpha + p.sum(axis=1)
+    p, m_new, l, alpha = softmax_update(sc, m, l, log2_scale=log2_scale, seen=seen, empty_rows=empty_rows)
     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
     p = p.astype(v_tile.dtype)
     if schedule is not None:  # the softmax is done before the barrier lets the other warpgroup on
@@ -98,3 +106,78 @@ def attention_step(state, q_rows, k_tile, v_tile, barriers, *, log2_scale, seen=
     acc = pl.run_state(pv)(plgpu.ACC.init(acc))
     plgpu.barrier_arrive(v_free)
     return acc, m_new, l
+
+
+def pipelined_attention(q_rows, k_tile, v_tile, barriers, steps: int, *, log2_scale, schedule=None):
+    """The state after `steps` whole K/V tiles (no mask) from an empty one, with FA3's
+    intra-warpgroup overlap: step j's Q K^T and step j - 1's P V are issued together, and step
+    j's softmax runs while that P V is still on the tensor cores.
+
+    q_rows [rows, H] (SMEM); k_tile(j), v_tile(j): step j's tiles [block_kv, H] (SMEM refs);
+    barriers(j): its (K ready, K free, V ready, V free), as in `attention_step`. schedule: a
+    ping-pong barrier of two compute warpgroups, one starting a pass behind (as in
+    `attention_step`): each passes it once its matmuls are issued and once its softmax is done.
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    rows, head_dim = q_rows.shape
+    block_kv = k_tile(0).shape[0]
+    dtype = q_rows.dtype
+
+    def handoff(*values):
+        """The other warpgroup's turn on the tensor cores, once values are computed."""
+        if schedule is None:
+            return values
+        if values:
+            values = lax.optimization_barrier(values)
+        pass_barrier(schedule)
+        return values
+
+    acc, m, l = initial_state(rows, head_dim)
+    k_ready, k_free, _, _ = barriers(0)
+    plgpu.barrier_wait(k_ready)
+
+    def qk(s_ref):
+        plgpu.wgmma(s_ref, q_rows, k_tile(0).transpose((1, 0)))
+        handoff()
+        return s_ref[...]
+
+    sc = pl.run_scoped(qk, plgpu.ACC((rows, block_kv), jnp.float32))
+    plgpu.barrier_arrive(k_free)
+    p, m, l, _ = softmax_update(sc, m, l, log2_scale=log2_scale)
+    acc, m, l, p = handoff(acc, m, l, p.astype(dtype))
+
+    def step(j, carry):
+        acc, m, l, p = carry
+        k_ready, k_free, _, _ = barriers(j)
+        _, _, v_ready, v_free = barriers(j - 1)
+        plgpu.barrier_wait(k_ready)
+        plgpu.barrier_wait(v_ready)
+
+        def both(s_ref, o_ref):
+            o_ref[...] = acc
+            plgpu.wgmma(s_ref, q_rows, k_tile(j).transpose((1, 0)))
+            plgpu.wgmma(o_ref, p, v_tile(j - 1))
+            handoff()
+            sc = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # Q K^T done, P V in flight
+            plgpu.barrier_arrive(k_free)
+            p_new, m_new, l_new, alpha = softmax_update(sc, m, l, log2_scale=log2_scale)
+            out = o_ref[...]
+            plgpu.barrier_arrive(v_free)
+            out = out * lax.broadcast_in_dim(alpha, out.shape, [0])
+            return handoff(out, m_new, l_new, p_new.astype(dtype))
+
+        return pl.run_scoped(both, plgpu.ACC((rows, block_kv), jnp.float32), plgpu.ACC((rows, head_dim), jnp.float32))
+
+    acc, m, l, p = lax.fori_loop(1, steps, step, (acc, m, l, p))
+    _, _, v_ready, v_free = barriers(steps - 1)
+    plgpu.barrier_wait(v_ready)
+
+    def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p, v_tile(steps - 1))
+        handoff()
+
+    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+    plgpu.barrier_arrive(v_free)
+    acc, m, l = handoff(acc, m, l)
+    return acc, m, l

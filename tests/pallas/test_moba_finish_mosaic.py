@@ -12,6 +12,7 @@ import pytest
 from mobajax.pallas import moba_attention as ma
 from mobajax.pallas import moba_finish_mosaic as mosaic
 from mobajax.pallas import mosaic_softmax
+from mobajax.moba import moba_selected_chunks
 from mobajax.pallas.moba_gate import moba_layout
 from tests.pallas.conftest import random_qkv
 
@@ -96,33 +97,19 @@ def test_every_tile_reads_aligned_whole_partial_rows(t, n, kv):
 
 
 @pytest.mark.parametrize("t, s, n, kv, block, top_k", [(200, 200, 8, 2, 16, 3), (97, 160, 4, 1, 32, 4)])
-def test_empty_slots_read_as_neg_inf(t, s, n, kv, block, top_k):
-    """The Triton kernel's partials as the Mosaic finish reads them: log-sum-exps of empty slots
-    (never written) and of the spare rows -inf, the written ones unchanged, and the Triton
-    finish gives the same output from them."""
-    q, k, v = random_qkv(2, t, s, n, kv, 16, F32)
+def test_a_past_slot_is_empty_exactly_where_the_own_chunk_index_is_at_most_its_index(t, s, n, kv, block, top_k):
+    """The rule by which the Mosaic finish skips the partial rows of empty slots (which no
+    kernel writes): past slot j of a token is empty (-1) iff its own chunk index is <= j, i.e.
+    the gate fills a slot wherever there is a past chunk to pick. Here for the Triton gate, the
+    float32 reference and a prefix with a partial last chunk."""
+    q, k, _ = random_qkv(2, t, s, n, kv, 16, F32)
     st = ma._Static(block, top_k, 16**-0.5, ma.MobaConfig(block_q=16, block_k=16, gate_block_q=16), True)
     layout = moba_layout(jnp.array([0, t]), jnp.array([0, s]), None, t, s, block)
-    sel = ma._select(st, q, k, layout)
-    past = sel[..., 1:]
-    slots = past.shape[-1]
-    work = ma.work_list(past, kv, layout.chunk_len.shape[0], st.config.block_q)
-    o, lse = ma.attention_partials(q, k, v, work, layout, slots=slots, scale=st.scale, config=st.config, interpret=True)
-    fixed = np.asarray(ma.empty_slots_at_neg_inf(lse, past, kv))
-    flat = np.arange(t * n * slots)
-    where = np.asarray(ma.partial_row(flat // slots, flat % slots, t, n, kv))
-    live = np.asarray(past).reshape(-1) >= 0
-    np.testing.assert_array_equal(fixed[where[live]], np.asarray(lse)[where[live]])
-    assert np.isfinite(fixed[where[live]]).all()
-    others = np.ones(fixed.shape, bool)
-    others[where[live]] = False
-    assert np.isneginf(fixed[others]).all()
-
-    def run(lse):
-        return ma.finish(q, k, v, layout.token_pos, layout.token_own, sel, layout, (o, lse),
-                         scale=st.scale, config=st.config, interpret=True)  # fmt: skip
-
-    np.testing.assert_array_equal(run(jnp.asarray(fixed)), run(lse))
+    pos = np.arange(s - t, s)
+    own = (pos // block)[:, None, None]
+    slot = np.arange(top_k - 1)[None, None, :]
+    for past in (ma._select(st, q, k, layout)[..., 1:], moba_selected_chunks(q, k, block_size=block, top_k=top_k)[..., 1:]):
+        np.testing.assert_array_equal(np.asarray(past) < 0, np.broadcast_to(own <= slot, past.shape))
 
 
 @pytest.mark.gpu
