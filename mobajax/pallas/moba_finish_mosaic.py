@@ -20,8 +20,11 @@ four warpgroups:
   the normalised output rows into the Q slot.
 
 Shapes: q [T, N, H]; K/V pages [S' / BLOCK_KV, BLOCK_KV, K, H] (every key a token sees); o_part
-[R + ROWS, H] and lse_part [R + ROWS] (natural; a token's past slot j is empty, and its rows
-never read, where the token's own chunk index is <= j) in `partial_row` order, R = past slots * N * `token_stride(T)` -> out [T, N, H] in q's dtype.
+[R + ROWS, H] and lse_part [R + ROWS] (natural) in `partial_row` order, R = past slots * N *
+`token_stride(T)` -> out [T, N, H] in q's dtype. A token's past slot j is empty, and its rows
+are never read, where the token's own chunk index is <= j: the gate fills every slot that has a
+past chunk to pick (with finite inputs; a NaN score can leave one empty, and its unwritten row
+then reaches that token's output).
 """
 
 from __future__ import annotations
