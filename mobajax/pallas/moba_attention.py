@@ -5,8 +5,8 @@ Pipeline (one jit):
    best past chunks -> sel [T, N, top_k] int32 (the only selection state in HBM). On Hopper,
    for one sequence of 16-bit inputs, `moba_gate_mosaic` picks the chunks (MobaConfig.gate).
 2. Work list (XLA): every (token, head, past slot) row goes to the bucket (chunk, kv head) it
-   reads; one sort by bucket, then tiles of `block_q` rows that all read the same chunk of one kv
-   head.
+   reads; one stable sort by chunk of the rows numbered kv head first, then tiles of `block_q`
+   rows that all read the same chunk of one kv head.
 3. `moba_attention_kernel`: per tile, gather the query rows, stream the chunk's keys (blocks that
    every row sees whole as contiguous loads without a mask, the chunk's tail masked), write a
    normalised partial output and its log-sum-exp per row. On Hopper, for one sequence of 16-bit
@@ -167,8 +167,9 @@ def moba_attention_kernel(
     slots: int,
     scale: float,
 ):
-    """A tile of rows (token, head, past slot) that all read one past chunk of one kv head: every
-    row sees the whole chunk (its tokens are later), so only the chunk's last block is masked."""
+    """A tile of rows (`work_list` rows: token, head, past slot) that all read one past chunk of
+    one kv head: every row sees the whole chunk (its tokens are later), so only the chunk's last
+    block is masked."""
     i = pl.program_id(0)
     live_rows = tile_len_ref[i]
 
@@ -178,7 +179,9 @@ def moba_attention_kernel(
         c, h = bucket // num_kv_heads, bucket % num_kv_heads
         live = jnp.arange(block_q) < live_rows
         rows = jnp.where(live, plgpu.load(order_ref.at[pl.ds(tile_start_ref[i], block_q)]), 0)
-        q = plgpu.load(gather_rows(q_ref, rows // slots))  # [block_q, H]
+        num_tokens = q_ref.shape[0] // num_heads
+        tn, slot = work_row_query(rows, slots, num_tokens, num_heads, num_kv_heads)
+        q = plgpu.load(gather_rows(q_ref, tn))  # [block_q, H]
         start, size = chunk_start_ref[c], chunk_len_ref[c]
         offs = jnp.arange(block_k)
 
@@ -195,8 +198,6 @@ def moba_attention_kernel(
 
         state = jax.lax.fori_loop(0, size // block_k, clear_step, osm.init_state(block_q, q.shape[-1]))
         out, lse = osm.finalize(jax.lax.fori_loop(size // block_k, pl.cdiv(size, block_k), tail_step, state))
-        tn, slot = rows // slots, rows % slots
-        num_tokens = q_ref.shape[0] // num_heads
         dest = partial_row(tn, slot, num_tokens, num_heads, num_kv_heads)
         dump = jnp.where(live, dest, slots * num_heads * mosaic.token_stride(num_tokens))  # row R
         plgpu.store(gather_rows(o_ref, dump), out.astype(o_ref.dtype))
@@ -219,25 +220,42 @@ def finish_rows(config, group: int) -> int:
     return max(config.block_q, pl.next_power_of_2(group))
 
 
+def work_row_query(e, slots, num_tokens, num_heads, num_kv_heads):
+    """Row e of the `work_list` order (kv head, token, head within the group, past slot) ->
+    (tn = token * N + head: its query row, slot)."""
+    group = num_heads // num_kv_heads
+    slot, e = e % slots, e // slots
+    head_in_group, e = e % group, e // group
+    token, kv_head = e % num_tokens, e // num_tokens
+    return token * num_heads + kv_head * group + head_in_group, slot
+
+
 def work_list(sel, num_kv_heads, num_chunks, block_q):
     """Sort rows by bucket (chunk, kv head) and cut them into tiles of one bucket each.
 
-    sel [T, N, J] global chunk ids -> per tile (bucket, start, live rows) [W] and the sorted rows
-    [R + block_q] (padded so a tile's slice never runs off the end).
+    sel [T, N, J] global chunk ids (-1: an empty slot) -> per tile (bucket, start, live rows) [W]
+    and the sorted rows [R + block_q] (padded so a tile's slice never runs off the end). Rows are
+    numbered kv head first (kv head, token, head within the group, slot: `work_row_query`), so a
+    stable sort by chunk alone leaves each chunk's rows in kv-head order: the buckets in order,
+    with keys of 8 bits up to 256 chunks (one radix pass). Empty slots sort into the last chunk,
+    which no token has in its past, and its buckets get no tiles.
     """
     num_tokens, num_heads, slots = sel.shape
     num_buckets = num_chunks * num_kv_heads
-    kvh = (jnp.arange(num_heads, dtype=jnp.int32) // (num_heads // num_kv_heads))[None, :, None]
-    keys = jnp.where(sel >= 0, sel * num_kv_heads + kvh, num_buckets).reshape(-1)
-    # block_q more keys past every bucket: the sorted rows come out padded
-    keys = jnp.pad(keys, (0, block_q), constant_values=num_buckets)
-    if num_buckets < 2**16 - 1:  # 16-bit keys: half the radix passes of a 32-bit sort
-        keys = keys.astype(jnp.uint16)
+    group = num_heads // num_kv_heads
+    empty = num_chunks - 1
+    keys = jnp.where(sel >= 0, sel, empty).reshape(num_tokens, num_kv_heads, group, slots)
+    # block_q more keys past every row: the sorted rows come out padded
+    keys = jnp.pad(keys.transpose(1, 0, 2, 3).reshape(-1), (0, block_q), constant_values=empty)
+    keys = keys.astype(jnp.uint8 if num_chunks <= 2**8 else jnp.uint16 if num_chunks <= 2**16 else jnp.int32)
     rows = jnp.arange(keys.shape[0], dtype=jnp.int32)
     keys, order = jax.lax.sort((keys, rows), num_keys=1)
-    bucket_ids = jnp.arange(num_buckets + 1, dtype=keys.dtype)
-    edges = jnp.searchsorted(keys, bucket_ids, method="scan_unrolled").astype(jnp.int32)
+    # (chunk, kv head) of each sorted row: sorted too (the padding rows' kv head is past the last)
+    bucket = keys.astype(jnp.int32) * num_kv_heads + order // (sel.size // num_kv_heads)
+    bucket_ids = jnp.arange(num_buckets + 1, dtype=jnp.int32)
+    edges = jnp.searchsorted(bucket, bucket_ids, method="scan_unrolled").astype(jnp.int32)
     first, counts = edges[:-1], jnp.diff(edges)
+    counts = jnp.where(bucket_ids[:-1] // num_kv_heads == empty, 0, counts)
     tiles = -(-counts // block_q)
     tile_end = jnp.cumsum(tiles)
     num_tiles = -(-sel.size // block_q) + num_buckets  # static bound

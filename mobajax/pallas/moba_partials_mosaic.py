@@ -76,8 +76,8 @@ def key_pages(x: jax.Array) -> jax.Array:
 
 def _rows_of(*, slots, num_heads, num_kv_heads, num_tokens):
     """`mosaic_rows.row_copies`' rows_of for a work-list tile (descriptor [start, size], ref:
-    the sorted rows): entry r's query row, entry // slots (0 past size), and its `partial_row`
-    (-1 past size)."""
+    the sorted rows): entry r's query row (`moba_attention.work_row_query`; 0 past size) and its
+    `partial_row` (-1 past size)."""
     from jaxlib.mlir.dialects import arith
 
     from mobajax.pallas.mosaic_rows import i32, load_i32
@@ -85,18 +85,21 @@ def _rows_of(*, slots, num_heads, num_kv_heads, num_tokens):
     group = num_heads // num_kv_heads
     stride = token_stride(num_tokens)
 
-    def partial_row(e):  # `moba_attention.partial_row` of entry e = (token * N + head) * slots + slot
-        tn, slot = arith.divsi(e, i32(slots)), arith.remsi(e, i32(slots))
-        tok, head = arith.divsi(tn, i32(num_heads)), arith.remsi(tn, i32(num_heads))
-        block = arith.addi(arith.muli(slot, i32(num_kv_heads)), arith.divsi(head, i32(group)))
+    def query_and_partial_row(e):  # e = ((kv head * T + token) * group + head in group) * slots + slot
+        slot, e = arith.remsi(e, i32(slots)), arith.divsi(e, i32(slots))
+        head_in_group, e = arith.remsi(e, i32(group)), arith.divsi(e, i32(group))
+        tok, kv_head = arith.remsi(e, i32(num_tokens)), arith.divsi(e, i32(num_tokens))
+        head = arith.addi(arith.muli(kv_head, i32(group)), head_in_group)
+        query = arith.addi(arith.muli(tok, i32(num_heads)), head)
+        block = arith.addi(arith.muli(slot, i32(num_kv_heads)), kv_head)
         row = arith.addi(arith.muli(block, i32(stride)), tok)
-        return arith.addi(arith.muli(row, i32(group)), arith.remsi(head, i32(group)))
+        return query, arith.addi(arith.muli(row, i32(group)), head_in_group)
 
     def rows_of(tile, refs, r):
         start, size = load_i32(tile, i32(0)), load_i32(tile, i32(1))
         live = arith.cmpi(arith.CmpIPredicate.slt, r, size)
-        e = load_i32(refs[0], arith.select(live, arith.addi(start, r), start))
-        return arith.select(live, arith.divsi(e, i32(slots)), i32(0)), arith.select(live, partial_row(e), i32(-1))
+        query, partial = query_and_partial_row(load_i32(refs[0], arith.select(live, arith.addi(start, r), start)))
+        return arith.select(live, query, i32(0)), arith.select(live, partial, i32(-1))
 
     return rows_of
 

@@ -19,6 +19,8 @@ from mobajax.pallas.moba_attention import (
     moba_attention_reference,
     moba_select,
     partial_row,
+    work_list,
+    work_row_query,
 )
 from mobajax.pallas.moba_finish_mosaic import token_stride
 from mobajax.pallas.moba_gate import chunk_means_pallas, moba_layout, select_chunks_pallas
@@ -295,6 +297,34 @@ def test_tiles_shrink_to_fit_shared_memory(head_dim, itemsize, want):
     size = (config.block_q + 2 * config.num_stages * config.block_k) * head_dim * itemsize
     assert size <= SHARED_MEMORY_BUDGET
     assert config.num_stages == MobaConfig().num_stages
+
+
+@pytest.mark.parametrize("t, n, kv, slots, chunks, block_q", [
+    (37, 32, 8, 2, 9, 16),  # 8-bit keys
+    (50, 8, 2, 3, 300, 32),  # 16-bit keys: more than 256 chunks
+    (6, 4, 4, 1, 1, 16),  # one chunk: every slot empty, no tiles
+])  # fmt: skip
+def test_work_list_tiles_hold_each_row_once_in_its_bucket(t, n, kv, slots, chunks, block_q):
+    """Every filled (token, head, slot) row is in exactly one tile, every tile's rows read its
+    bucket's chunk from its bucket's kv head, empty slots are in none, and `work_row_query`
+    names each row's query row and slot."""
+    rng = np.random.default_rng(t)
+    sel = rng.integers(0, max(chunks - 1, 1), (t, n, slots))
+    sel = np.where(rng.random((t, n, slots)) < 0.2, -1, sel) if chunks > 1 else np.full((t, n, slots), -1)
+    bucket, start, size, order = (np.asarray(a) for a in jax.jit(work_list, static_argnums=(1, 2, 3))(
+        jnp.asarray(sel, jnp.int32), kv, chunks, block_q))  # fmt: skip
+    assert order.shape == (sel.size + block_q,)
+    seen = []
+    for b, s0, live in zip(bucket, start, size):
+        rows = order[s0 : s0 + live]
+        tn, slot = (np.asarray(a) for a in work_row_query(jnp.asarray(rows), slots, t, n, kv))
+        tok, head = tn // n, tn % n
+        np.testing.assert_array_equal(sel[tok, head, slot], b // kv)
+        np.testing.assert_array_equal(head // (n // kv), b % kv)
+        seen += (tn * slots + slot).tolist()
+    want = np.flatnonzero(sel.reshape(-1) >= 0)
+    assert sorted(seen) == want.tolist()
+    assert (size <= block_q).all()
 
 
 @pytest.mark.parametrize("t, n, kv, slots", [(37, 32, 8, 11), (5, 12, 4, 2), (9, 6, 2, 3), (4, 4, 4, 1)])
