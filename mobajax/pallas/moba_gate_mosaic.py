@@ -13,11 +13,11 @@ A tile is ROWS // G tokens x the G query heads of one kv head, as in `moba_finis
 - a key warpgroup streams the kv head's pooled keys, BLOCK_C chunks at a time (hi and lo), into
   a ring, up to the block of the tile's last token's own chunk;
 - two compute warpgroups of 64 rows: per block, S = Q hi^T + Q lo^T in one float32 wgmma
-  accumulator, the chunks at or past each row's own masked (in the blocks from the warpgroup's
-  first row's own chunk on: the blocks before it are candidates for every row), then `picks` rounds of (the block's
-  best score, its lowest chunk id among equals), each inserted into a best-first list of `picks`
-  (score, id) row vectors that it ranks above (a later block's chunk never wins a tie, its id is
-  higher); the list's ids go out through SMEM by TMA.
+  accumulator, the chunks at or past each row's own masked (only in the blocks from the
+  warpgroup's first row's own chunk on: the blocks before it are candidates for every row), then
+  `picks` rounds of (the block's best score, its lowest chunk id among equals), each inserted
+  into a best-first list of `picks` (score, id) row vectors that it ranks above (a later block's
+  chunk never wins a tie, its id is higher); the list's ids go out through SMEM by TMA.
 
 Shapes: q [T', N, H] (T' >= T, T' >= `tile_tokens`); hi, lo [K, Cp, H] (Cp a multiple of
 BLOCK_C); base [1] int32 (position of token 0) -> [T, N, picks] int32 chunk ids.
@@ -119,10 +119,7 @@ def select_chunks_mosaic(q, hi, lo, base, *, num_tokens, block_size, picks, num_
                 plgpu.barrier_wait(q_ready.at[qs])
                 own = lax.div(pos_base + t0 + wg * half_tokens + lax.div(qi, group), block_size)
 
-                def block(masked):
-                    return lambda b, held: pick(b, held, masked)
-
-                def pick(b, held, masked):
+                def block(b, held, masked):
                     slot = lax.rem(g0 + b, STAGES)
                     plgpu.barrier_wait(c_ready.at[slot])
 
@@ -148,8 +145,9 @@ def select_chunks_mosaic(q, hi, lo, base, *, num_tokens, block_size, picks, num_
                 none = plgpu.layout_cast(jnp.full((HALF,), NO_CHUNK, jnp.float32), row)
                 # blocks before this warpgroup's first row's own chunk are candidates for every row
                 whole = jnp.minimum(lax.div(lax.div(pos_base + t0 + wg * half_tokens, block_size), BLOCK_C), blocks)
-                held = lax.fori_loop(0, whole, block(False), ((empty,) * picks, (none,) * picks))
-                scores, ids = lax.fori_loop(whole, blocks, block(True), held)
+                held = ((empty,) * picks, (none,) * picks)
+                held = lax.fori_loop(0, whole, functools.partial(block, masked=False), held)
+                scores, ids = lax.fori_loop(whole, blocks, functools.partial(block, masked=True), held)
                 plgpu.barrier_arrive(q_free.at[qs])  # the slot's last wgmma read is done
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's ids are out
                 for j in range(picks):
