@@ -22,7 +22,8 @@ def test_one_pass_times_every_stage():
     q, k, v = _qkv(128)
     stages = pass_stages(q, k, v, 32, 3, SMALL, reps=1, interpret=True)
     assert stages["pass_tokens"] == 128 and stages["passes"] == 1
-    assert stages["finish_kernel"] == stages["partials_kernel"] == stages["gate_kernel"] == "triton"  # no Mosaic in interpret mode
+    # no Mosaic in interpret mode
+    assert stages["finish_kernel"] == stages["partials_kernel"] == stages["gate_kernel"] == "triton"
     names = ("gate_pass_s", "work_list_s", "past_partials_s", "own_chunk_and_merge_s", "own_chunk_only_s")
     assert all(stages[name] > 0 for name in names), stages
 

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mobajax.moba import moba_selected_chunks
 from mobajax.pallas import moba_attention as ma
 from mobajax.pallas import moba_finish_mosaic as mosaic
 from mobajax.pallas import mosaic_softmax
-from mobajax.moba import moba_selected_chunks
 from mobajax.pallas.moba_gate import moba_layout
 from tests.pallas.conftest import random_qkv
 
@@ -108,7 +108,8 @@ def test_a_past_slot_is_empty_exactly_where_the_own_chunk_index_is_at_most_its_i
     pos = np.arange(s - t, s)
     own = (pos // block)[:, None, None]
     slot = np.arange(top_k - 1)[None, None, :]
-    for past in (ma._select(st, q, k, layout)[..., 1:], moba_selected_chunks(q, k, block_size=block, top_k=top_k)[..., 1:]):
+    kernel, reference = ma._select(st, q, k, layout), moba_selected_chunks(q, k, block_size=block, top_k=top_k)
+    for past in (kernel[..., 1:], reference[..., 1:]):
         np.testing.assert_array_equal(np.asarray(past) < 0, np.broadcast_to(own <= slot, past.shape))
 
 
