@@ -17,7 +17,9 @@ A tile is ROWS // G tokens x the G query heads of one kv head, as in `moba_finis
   warpgroup's first row's own chunk on: the blocks before it are candidates for every row), then
   `picks` rounds of (the block's best score, its lowest chunk id among equals), each inserted
   into a best-first list of `picks` (score, id) row vectors that it ranks above (a later block's
-  chunk never wins a tie, its id is higher); the list's ids go out through SMEM by TMA.
+  chunk never wins a tie, its id is higher); the list's ids go out through SMEM by TMA. A
+  block's wgmma is issued before the previous block's picks, which run while it is on the tensor
+  cores (FA3's intra-warpgroup overlap).
 
 Shapes: q [T', N, H] (T' >= T, T' >= `tile_tokens`); hi, lo [K, Cp, H] (Cp a multiple of
 BLOCK_C); base [1] int32 (position of token 0) -> [T, N, picks] int32 chunk ids.
@@ -100,58 +102,75 @@ def select_chunks_mosaic(q, hi, lo, base, *, num_tokens, block_size, picks, num_
 
         def tile_of(i):
             """(tile, first token, kv head, chunk blocks) of this CTA's tile i: the blocks up to
-            the one holding the last candidate of the tile's last token."""
+            the one holding the last candidate of the tile's last token, at least one (a tile in
+            chunk 0 scores block 0 to find no candidate)."""
             w = cta + i * programs
             t0 = lax.div(w, num_kv_heads) * tokens
             own_last = lax.div(pos_base + jnp.minimum(t0 + tokens, num_tokens) - 1, block_size)
-            return w, t0, lax.rem(w, num_kv_heads), lax.div(own_last + BLOCK_C - 1, BLOCK_C)
+            return w, t0, lax.rem(w, num_kv_heads), jnp.maximum(lax.div(own_last + BLOCK_C - 1, BLOCK_C), 1)
 
         @pl.when(wg < 2)
         def _compute():
             plgpu.set_max_registers(232, action="increase")
-            qi = plgpu.broadcasted_iota(jnp.int32, (HALF, BLOCK_C), 0, layout=plgpu.Layout.WGMMA)
-            ci = plgpu.broadcasted_iota(jnp.int32, (HALF, BLOCK_C), 1, layout=plgpu.Layout.WGMMA)
+            ri = plgpu.broadcasted_iota(jnp.int32, (HALF,), 0, layout=row)
+            # a chunk's place in its block: ids are kept as float32 (exact below 2**24)
+            cid = plgpu.broadcasted_iota(jnp.int32, (HALF, BLOCK_C), 1, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
 
             def tile(i, g0):
                 w, t0, _, blocks = tile_of(i)
                 qs = lax.rem(i, 2)
                 my_q = q_smem.at[qs, wg]
                 plgpu.barrier_wait(q_ready.at[qs])
-                own = lax.div(pos_base + t0 + wg * half_tokens + lax.div(qi, group), block_size)
+                own = lax.div(pos_base + t0 + wg * half_tokens + lax.div(ri, group), block_size)  # [HALF]
 
-                def block(b, held, masked):
+                def fold(held, s, b, masked):
+                    """held with block b's raw scores s [HALF, BLOCK_C] folded in; masked: the
+                    chunks at or past each row's own dropped first (a no-op before them)."""
+                    first = (b * BLOCK_C).astype(jnp.float32)  # the block's first chunk id
+                    if masked:
+                        left = lax.broadcast_in_dim((own - b * BLOCK_C).astype(jnp.float32), s.shape, [0])
+                        s = jnp.where(cid < left, s, -jnp.inf)
+                    for _ in range(min(picks, BLOCK_C)):
+                        top = s.max(axis=1)
+                        idx = jnp.where(s == lax.broadcast_in_dim(top, s.shape, [0]), cid, NO_CHUNK).min(axis=1)
+                        s = jnp.where(cid == lax.broadcast_in_dim(idx, s.shape, [0]), -jnp.inf, s)
+                        held = _insert(held, top, idx + first)
+                    return held
+
+                def scores(b, meanwhile=lambda: None):
+                    """(block b's raw scores, meanwhile()): meanwhile runs while its wgmma is on
+                    the tensor cores."""
                     slot = lax.rem(g0 + b, STAGES)
                     plgpu.barrier_wait(c_ready.at[slot])
 
                     def score(acc_ref):
                         plgpu.wgmma(acc_ref, my_q, hi_smem.at[slot].transpose((1, 0)))
                         plgpu.wgmma(acc_ref, my_q, lo_smem.at[slot].transpose((1, 0)))
-                        return acc_ref[...]
+                        done = meanwhile()
+                        return acc_ref[...], done
 
-                    s = pl.run_scoped(score, plgpu.ACC((HALF, BLOCK_C), jnp.float32))
+                    out = pl.run_scoped(score, plgpu.ACC((HALF, BLOCK_C), jnp.float32))
                     plgpu.barrier_arrive(c_free.at[slot])
-                    chunk = b * BLOCK_C + ci
-                    if masked:
-                        s = jnp.where(chunk < own, s, -jnp.inf)
-                    cid = chunk.astype(jnp.float32)
-                    for _ in range(min(picks, BLOCK_C)):
-                        top = s.max(axis=1)
-                        idx = jnp.where(s == lax.broadcast_in_dim(top, s.shape, [0]), cid, NO_CHUNK).min(axis=1)
-                        s = jnp.where(cid == lax.broadcast_in_dim(idx, s.shape, [0]), -jnp.inf, s)
-                        held = _insert(held, top, idx)
-                    return held
+                    return out
+
+                def step(b, carry, masked):
+                    """Block b's scores issued, block b - 1's folded in meanwhile."""
+                    held, previous = carry
+                    s, held = scores(b, lambda: fold(held, previous, b - 1, masked))
+                    return held, s
 
                 empty = plgpu.layout_cast(jnp.full((HALF,), -jnp.inf, jnp.float32), row)
                 none = plgpu.layout_cast(jnp.full((HALF,), NO_CHUNK, jnp.float32), row)
                 # blocks before this warpgroup's first row's own chunk are candidates for every row
                 whole = jnp.minimum(lax.div(lax.div(pos_base + t0 + wg * half_tokens, block_size), BLOCK_C), blocks)
-                held = ((empty,) * picks, (none,) * picks)
-                held = lax.fori_loop(0, whole, functools.partial(block, masked=False), held)
-                scores, ids = lax.fori_loop(whole, blocks, functools.partial(block, masked=True), held)
+                carry = ((empty,) * picks, (none,) * picks), scores(0)[0]
+                carry = lax.fori_loop(1, whole, functools.partial(step, masked=False), carry)
+                carry = lax.fori_loop(jnp.maximum(whole, 1), blocks, functools.partial(step, masked=True), carry)
+                best, ids = fold(*carry, blocks - 1, masked=True)
                 plgpu.barrier_arrive(q_free.at[qs])  # the slot's last wgmma read is done
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's ids are out
                 for j in range(picks):
-                    out_smem.at[wg, j][...] = jnp.where(scores[j] > -jnp.inf, ids[j], -1.0).astype(jnp.int32)
+                    out_smem.at[wg, j][...] = jnp.where(best[j] > -jnp.inf, ids[j], -1.0).astype(jnp.int32)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(out_smem.at[wg], out_ref.at[w, wg])
                 return g0 + blocks
