@@ -41,6 +41,8 @@ from mobajax.pallas.moba_finish_mosaic import HALF, tile_tokens
 BLOCK_C = 64  # chunks scored per step: one wgmma N tile
 STAGES = 3  # pooled-key blocks (hi and lo) in flight
 NO_CHUNK = float(2**24)  # an id past every chunk, exact in float32
+# a score gap of at least 2**-121 times this is at least 64, past every place in a block
+TIE_SCALE = float(2**127)
 
 
 def fits(q: jax.Array, num_kv_heads: int) -> bool:
@@ -54,6 +56,23 @@ def pad_chunks(x: jax.Array) -> jax.Array:
     the padding: it lies past the last chunk)."""
     pad = -x.shape[1] % BLOCK_C
     return jnp.pad(x, ((0, 0), (0, pad), (0, 0))) if pad else x
+
+
+def block_pick(s, place):
+    """The best of raw scores s [rows, BLOCK_C] in each row -> (its score [rows], its place
+    [rows]: the lowest among equals, s with that place dropped to -inf). place [rows, BLOCK_C]:
+    each column's place in its block, float32.
+
+    The place is the least of place + (best - s) * TIE_SCALE, which is the place itself where s
+    equals the best and at least 64 elsewhere: a lower score trails the best by at least 2**-121
+    wherever the best is 0 or at least 2**-96 in magnitude (scores of 16-bit inputs are 0 or far
+    above that unless their products fall below about 2**-80) and finite. The subtraction and the
+    multiply-add run on the FMA pipe, where `where(s == best, place, none)` took two more of the
+    ALU instructions that bound the kernel (docs/benchmarks.md, session 20). A row with no
+    candidate (best -inf) gets place NaN, which `_insert` never takes."""
+    top = s.max(axis=1)
+    idx = (place + (lax.broadcast_in_dim(top, s.shape, [0]) - s) * TIE_SCALE).min(axis=1)
+    return top, idx, jnp.where(place == lax.broadcast_in_dim(idx, s.shape, [0]), -jnp.inf, s)
 
 
 def _insert(held, top, idx):
@@ -131,9 +150,7 @@ def select_chunks_mosaic(q, hi, lo, base, *, num_tokens, block_size, picks, num_
                         left = lax.broadcast_in_dim((own - b * BLOCK_C).astype(jnp.float32), s.shape, [0])
                         s = jnp.where(cid < left, s, -jnp.inf)
                     for _ in range(min(picks, BLOCK_C)):
-                        top = s.max(axis=1)
-                        idx = jnp.where(s == lax.broadcast_in_dim(top, s.shape, [0]), cid, NO_CHUNK).min(axis=1)
-                        s = jnp.where(cid == lax.broadcast_in_dim(idx, s.shape, [0]), -jnp.inf, s)
+                        top, idx, s = block_pick(s, cid)
                         held = _insert(held, top, idx + first)
                     return held
 

@@ -34,22 +34,36 @@ def test_lowers_to_mosaic_gpu(picks, chunks):
     assert "mosaic_gpu" in lowered.lower(lowering_platforms=("cuda",)).as_text()
 
 
-def test_insert_keeps_the_best_first_lower_id_on_ties():
-    """Pairs offered in the kernel's order (blocks by increasing id, each block's best first)
-    leave the `picks` best by (higher score, then lower id)."""
+def _close_scores(rng, rows, chunks, scale):
+    """Scores of magnitude about scale, each a copy of, or one float32 step from, a few values."""
+    base = (rng.standard_normal(4) * scale).astype(np.float32)
+    steps = np.array([-np.inf, 0.0, np.inf], np.float32)
+    values = np.nextafter(base[:, None], steps[None, :]).reshape(-1)  # each value and its neighbours
+    return rng.choice(values, size=(rows, chunks)).astype(np.float32)
+
+
+@pytest.mark.parametrize("scores_of", ["integers", "tiny", "ones", "huge"])
+def test_picks_keep_the_best_first_lower_id_on_ties(scores_of):
+    """The kernel's picks (`block_pick` per block, blocks by increasing id, each block's best
+    offered first to `_insert`) leave the `picks` best by (higher score, then lower id): with
+    many ties, and with scores one float32 step apart at the smallest magnitude `block_pick`
+    promises (2**-96), about 1, and near the largest."""
     rng = np.random.default_rng(0)
     rows, chunks, picks, block = 5, 40, 4, 8
-    scores = rng.integers(0, 6, size=(rows, chunks)).astype(np.float32)  # many ties
+    if scores_of == "integers":
+        scores = rng.integers(0, 6, size=(rows, chunks)).astype(np.float32)
+    else:
+        scale = {"tiny": 2.0**-96 * 1.5, "ones": 1.0, "huge": 2.0**120}[scores_of]
+        scores = _close_scores(rng, rows, chunks, scale)
     scores[0, 3:] = -np.inf  # fewer candidates than picks
     held = (tuple(jnp.full((rows,), -jnp.inf) for _ in range(picks)),
             tuple(jnp.full((rows,), mosaic.NO_CHUNK) for _ in range(picks)))  # fmt: skip
     for b0 in range(0, chunks, block):
-        s, cid = scores[:, b0:b0 + block], np.arange(b0, b0 + block, dtype=np.float32)
+        s = jnp.asarray(scores[:, b0:b0 + block])
+        place = jnp.broadcast_to(jnp.arange(block, dtype=F32), s.shape)
         for _ in range(picks):  # as the kernel picks from a block
-            top = s.max(axis=1)
-            idx = np.where(s == top[:, None], cid, mosaic.NO_CHUNK).min(axis=1)
-            s = np.where(cid == idx[:, None], -np.inf, s)
-            held = mosaic._insert(held, jnp.asarray(top), jnp.asarray(idx))
+            top, idx, s = mosaic.block_pick(s, place)
+            held = mosaic._insert(held, top, idx + b0)
     for r in range(rows):
         want = sorted(range(chunks), key=lambda c: (-scores[r, c], c))[:picks]
         got = [int(i) if s > -np.inf else -1 for s, i in zip(np.array(held[0])[:, r], np.array(held[1])[:, r])]
@@ -115,3 +129,31 @@ def test_gpu_mosaic_selection_matches_triton_and_reference(t, s, n, kv, block, t
     assert same >= 0.9999, same  # hi + lo summed in another order: a rare near tie may flip
     want = np.asarray(moba_selected_chunks(q.astype(F32), k.astype(F32), **args))
     assert (got == want).all(-1).mean() >= 0.999
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block, top_k", [(64, 3), (16, 5)])
+def test_gpu_mosaic_ties_go_to_the_lower_chunk(block, top_k):
+    """Chunks that repeat (3 distinct ones, so every score ties exactly with those of its class):
+    on every row the Mosaic gate's picks are runs of one class each, best class first, each run
+    the lowest candidates of its class in increasing order, cut short only by the last pick."""
+    if not mosaic_softmax.on_hopper():
+        pytest.skip("the Mosaic kernel needs a Hopper GPU")
+    t, n, kv = 6000, 16, 4
+    q, k, _ = random_qkv(3, t, t, n, kv, 128, BF16)
+    k = jnp.tile(k[: 3 * block], (-(-t // (3 * block)), 1, 1))[:t]
+    args = dict(block_size=block, top_k=top_k)
+    got = np.asarray(ma.moba_select(q, k, **args, config=ma.MobaConfig(gate="mosaic")))
+    want = np.asarray(moba_selected_chunks(q.astype(F32), k.astype(F32), **args))
+    assert (got == want).all(-1).mean() >= 0.999  # the classes' scores in another order: near ties
+    for row, own in zip(got[..., 1:].reshape(-1, top_k - 1), np.repeat(np.arange(t) // block, n)):
+        ids = row[row >= 0]
+        assert len(ids) == min(own, top_k - 1)
+        start = 0
+        while start < len(ids):
+            members = np.arange(ids[start] % 3, own, 3)
+            run = ids[start:start + len(members)]
+            run = run[: np.argmin(np.append(run % 3 == ids[start] % 3, False))]
+            np.testing.assert_array_equal(run, members[: len(run)])
+            assert start + len(run) == len(ids) or len(run) == len(members)
+            start += len(run)
