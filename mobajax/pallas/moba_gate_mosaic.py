@@ -4,7 +4,8 @@ registers).
 The same selection as `moba_gate.moba_gate_kernel` for one sequence of contiguous positions,
 bf16/f16 and head dim 128: per (token, head), the `picks` past chunks with the highest gate
 scores q . kbar (kbar = hi + lo, the pooled keys to about 2**-16), best first, ties to the lower
-chunk id, -1 past the candidates (the chunks before the token's own).
+chunk id (for finite scores of magnitude 0 or at least 2**-96: `block_pick`), -1 past the
+candidates (the chunks before the token's own).
 
 A tile is ROWS // G tokens x the G query heads of one kv head, as in `moba_finish_mosaic`.
 `num_programs` persistent CTAs take tiles c, c + P, ...; each runs four warpgroups:
@@ -15,9 +16,10 @@ A tile is ROWS // G tokens x the G query heads of one kv head, as in `moba_finis
 - two compute warpgroups of 64 rows: per block, S = Q hi^T + Q lo^T in one float32 wgmma
   accumulator, the chunks at or past each row's own masked (only in the blocks from the
   warpgroup's first row's own chunk on: the blocks before it are candidates for every row), then
-  `picks` rounds of (the block's best score, its lowest chunk id among equals), each inserted
-  into a best-first list of `picks` (score, id) row vectors that it ranks above (a later block's
-  chunk never wins a tie, its id is higher); the list's ids go out through SMEM by TMA. A
+  `picks` rounds of (the block's best score, its lowest chunk id among equals: `block_pick`),
+  each inserted into a best-first list of `picks` (score, id) row vectors that it ranks above
+  (a later block's chunk never wins a tie, its id is higher); the list's ids go out through SMEM
+  by TMA. A
   block's wgmma is issued before the previous block's picks, which run while it is on the tensor
   cores (FA3's intra-warpgroup overlap).
 
