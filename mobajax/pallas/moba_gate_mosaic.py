@@ -19,9 +19,8 @@ A tile is ROWS // G tokens x the G query heads of one kv head, as in `moba_finis
   `picks` rounds of (the block's best score, its lowest chunk id among equals: `block_pick`),
   each inserted into a best-first list of `picks` (score, id) row vectors that it ranks above
   (a later block's chunk never wins a tie, its id is higher); the list's ids go out through SMEM
-  by TMA. A
-  block's wgmma is issued before the previous block's picks, which run while it is on the tensor
-  cores (FA3's intra-warpgroup overlap).
+  by TMA. A block's wgmma is issued before the previous block's picks, which run while it is on
+  the tensor cores (FA3's intra-warpgroup overlap).
 
 Shapes: q [T', N, H] (T' >= T, T' >= `tile_tokens`); hi, lo [K, Cp, H] (Cp a multiple of
 BLOCK_C); base [1] int32 (position of token 0) -> [T, N, picks] int32 chunk ids.
