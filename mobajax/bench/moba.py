@@ -163,8 +163,9 @@ def pass_stages(q, k, v, block, top_k, config, reps, interpret=False) -> dict:
     st = ma._Static(block, top_k, 1 / math.sqrt(h), config, interpret)
     st = ma.with_kernels(st, qt, k.shape[1], one_sequence=True)
     layout = ma._prepare(qt, k, v, block, top_k, None, None, pos)
-    select = jax.jit(lambda q, k: ma._select(st, q, k, layout))
-    sel = select(qt, k)
+    sel, keys = jax.jit(lambda q, k: ma._selection(st, q, k, layout))(qt, k)
+    # what a pass uses of the gate: the Mosaic gate's work-list keys, else the selection
+    select = jax.jit(lambda q, k: ma._selection(st, q, k, layout)[0 if keys is None else 1])
     past = sel[..., 1:]
 
     def finish(sel):
@@ -187,13 +188,14 @@ def pass_stages(q, k, v, block, top_k, config, reps, interpret=False) -> dict:
         "own_chunk_only_s": own_s,
     }
     if past.shape[-1]:
-        rows = ma.work_rows(st, tiles)
-        wl = jax.jit(lambda past: ma.work_list(past, k.shape[1], layout.chunk_len.shape[0], rows))
-        work = wl(past)
-        part = jax.jit(lambda q, k, v, work: ma.past_partials(q, k, v, work, past, layout, st=st, config=tiles))
+        wl = jax.jit(lambda past, keys: ma.past_work(past, k.shape[1], layout, keys, st=st, config=tiles))
+        work = wl(past, keys)
+        key_tokens = ma.work_key_tokens(step, n // k.shape[1], keys is not None)
+        part = jax.jit(lambda q, k, v, work: ma.past_partials(q, k, v, work, past, layout, key_tokens=key_tokens,
+                                                              st=st, config=tiles))  # fmt: skip
         partials = part(qt, k, v, work)
         fin = finish(sel)
-        stages["work_list_s"] = _time(lambda: wl(past), reps)
+        stages["work_list_s"] = _time(lambda: wl(past, keys), reps)
         stages["past_partials_s"] = _time(lambda: part(qt, k, v, work), reps)
         stages["own_chunk_and_merge_s"] = _time(lambda: fin(qt, k, v, partials), reps)
     return stages

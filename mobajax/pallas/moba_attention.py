@@ -6,7 +6,8 @@ Pipeline (one jit):
    for one sequence of 16-bit inputs, `moba_gate_mosaic` picks the chunks (MobaConfig.gate).
 2. Work list (XLA): every (token, head, past slot) row goes to the bucket (chunk, kv head) it
    reads; one stable sort by chunk of the rows numbered kv head first, then tiles of `block_q`
-   rows that all read the same chunk of one kv head.
+   rows that all read the same chunk of one kv head. The Mosaic gate writes the sort's keys and
+   rows itself.
 3. `moba_attention_kernel`: per tile, gather the query rows, stream the chunk's keys (blocks that
    every row sees whole as contiguous loads without a mask, the chunk's tail masked), write a
    normalised partial output and its log-sum-exp per row. On Hopper, for one sequence of 16-bit
@@ -165,11 +166,12 @@ def moba_attention_kernel(
     num_heads: int,
     num_kv_heads: int,
     slots: int,
+    key_tokens: int,
     scale: float,
 ):
-    """A tile of rows (`work_list` rows: token, head, past slot) that all read one past chunk of
-    one kv head: every row sees the whole chunk (its tokens are later), so only the chunk's last
-    block is masked."""
+    """A tile of rows (`work_list` rows: kv head, past slot, token, head within the group, over
+    key_tokens tokens) that all read one past chunk of one kv head: every row sees the whole
+    chunk (its tokens are later), so only the chunk's last block is masked."""
     i = pl.program_id(0)
     live_rows = tile_len_ref[i]
 
@@ -180,7 +182,7 @@ def moba_attention_kernel(
         live = jnp.arange(block_q) < live_rows
         rows = jnp.where(live, plgpu.load(order_ref.at[pl.ds(tile_start_ref[i], block_q)]), 0)
         num_tokens = q_ref.shape[0] // num_heads
-        tn, slot = work_row_query(rows, slots, num_tokens, num_heads, num_kv_heads)
+        tn, slot = work_row_query(rows, slots, key_tokens, num_heads, num_kv_heads)
         q = plgpu.load(gather_rows(q_ref, tn))  # [block_q, H]
         start, size = chunk_start_ref[c], chunk_len_ref[c]
         offs = jnp.arange(block_k)
@@ -220,45 +222,56 @@ def finish_rows(config, group: int) -> int:
     return max(config.block_q, pl.next_power_of_2(group))
 
 
-def work_row_query(e, slots, num_tokens, num_heads, num_kv_heads):
-    """Row e of the `work_list` order (kv head, token, head within the group, past slot) ->
-    (tn = token * N + head: its query row, slot)."""
+def work_row_query(e, slots, key_tokens, num_heads, num_kv_heads):
+    """Row e of the `work_keys` order (kv head, past slot, token, head within the group; tokens
+    0 .. key_tokens - 1) -> (tn = token * N + head: its query row, slot)."""
     group = num_heads // num_kv_heads
-    slot, e = e % slots, e // slots
     head_in_group, e = e % group, e // group
-    token, kv_head = e % num_tokens, e // num_tokens
+    token, e = e % key_tokens, e // key_tokens
+    slot, kv_head = e % slots, e // slots
     return token * num_heads + kv_head * group + head_in_group, slot
 
 
-def work_list(sel, num_kv_heads, num_chunks, block_q):
+def key_dtype(num_chunks: int):
+    """The sort keys' dtype: 8 bits up to 256 chunks (one radix pass), 16 up to 2**16."""
+    return jnp.uint8 if num_chunks <= 2**8 else jnp.uint16 if num_chunks <= 2**16 else jnp.int32
+
+
+def work_keys(past, num_kv_heads, num_chunks, pad):
+    """The work list's sort input for past picks [T, N, P] (global chunk ids, -1: empty): keys
+    [R + pad] (`key_dtype`) and their rows [R + pad] int32, R = T * N * P rows numbered kv head
+    first (kv head, slot, token, head within the group: `work_row_query` with key_tokens T).
+    Empty slots, and the pad rows past R, get the last chunk, which no token has in its past.
+    `moba_gate_mosaic` writes the same layout (over its tile-padded tokens)."""
+    num_tokens, num_heads, slots = past.shape
+    empty = num_chunks - 1
+    keys = jnp.where(past >= 0, past, empty).reshape(num_tokens, num_kv_heads, num_heads // num_kv_heads, slots)
+    keys = jnp.pad(keys.transpose(1, 3, 0, 2).reshape(-1), (0, pad), constant_values=empty)
+    return keys.astype(key_dtype(num_chunks)), jnp.arange(keys.shape[0], dtype=jnp.int32)
+
+
+def work_list(keys, rows, num_rows, num_kv_heads, num_chunks, block_q):
     """Sort rows by bucket (chunk, kv head) and cut them into tiles of one bucket each.
 
-    sel [T, N, J] global chunk ids (-1: an empty slot) -> per tile (bucket, start, live rows) [W]
-    and the sorted rows [R + block_q] (padded so a tile's slice never runs off the end). Rows are
-    numbered kv head first (kv head, token, head within the group, slot: `work_row_query`), so a
-    stable sort by chunk alone leaves each chunk's rows in kv-head order: the buckets in order,
-    with keys of 8 bits up to 256 chunks (one radix pass). Empty slots sort into the last chunk,
-    which no token has in its past, and its buckets get no tiles.
+    keys, rows [num_rows + pad] (`work_keys`' layout, pad >= block_q) -> per tile (bucket,
+    start, live rows) [W] and the sorted rows [num_rows + pad] (the pad rows sort last, so a
+    tile's slice never runs off the end). Rows are numbered kv head first, so a stable sort by
+    chunk alone leaves each chunk's rows in kv-head order: the buckets in order, with keys of 8
+    bits up to 256 chunks (one radix pass). Empty slots sort into the last chunk, which no token
+    has in its past, and its buckets get no tiles.
     """
-    num_tokens, num_heads, slots = sel.shape
     num_buckets = num_chunks * num_kv_heads
-    group = num_heads // num_kv_heads
     empty = num_chunks - 1
-    keys = jnp.where(sel >= 0, sel, empty).reshape(num_tokens, num_kv_heads, group, slots)
-    # block_q more keys past every row: the sorted rows come out padded
-    keys = jnp.pad(keys.transpose(1, 0, 2, 3).reshape(-1), (0, block_q), constant_values=empty)
-    keys = keys.astype(jnp.uint8 if num_chunks <= 2**8 else jnp.uint16 if num_chunks <= 2**16 else jnp.int32)
-    rows = jnp.arange(keys.shape[0], dtype=jnp.int32)
     keys, order = jax.lax.sort((keys, rows), num_keys=1)
-    # (chunk, kv head) of each sorted row: sorted too (the padding rows' kv head is past the last)
-    bucket = keys.astype(jnp.int32) * num_kv_heads + order // (sel.size // num_kv_heads)
+    # (chunk, kv head) of each sorted row: sorted too (the pad rows' kv head is past the last)
+    bucket = keys.astype(jnp.int32) * num_kv_heads + order // (num_rows // num_kv_heads)
     bucket_ids = jnp.arange(num_buckets + 1, dtype=jnp.int32)
     edges = jnp.searchsorted(bucket, bucket_ids, method="scan_unrolled").astype(jnp.int32)
     first, counts = edges[:-1], jnp.diff(edges)
     counts = jnp.where(bucket_ids[:-1] // num_kv_heads == empty, 0, counts)
     tiles = -(-counts // block_q)
     tile_end = jnp.cumsum(tiles)
-    num_tiles = -(-sel.size // block_q) + num_buckets  # static bound
+    num_tiles = -(-num_rows // block_q) + num_buckets  # static bound
     w = jnp.arange(num_tiles, dtype=jnp.int32)
     b = jnp.searchsorted(tile_end, w, side="right", method="scan_unrolled")
     b = jnp.minimum(b, num_buckets - 1).astype(jnp.int32)
@@ -269,7 +282,7 @@ def work_list(sel, num_kv_heads, num_chunks, block_q):
     return b, start, size, order
 
 
-def attention_partials(q, k, v, work, layout, *, slots, scale, config, interpret):
+def attention_partials(q, k, v, work, layout, *, slots, key_tokens, scale, config, interpret):
     """Per row (token, head, past slot): normalised output [R + P, H] (q's dtype) and its natural
     log-sum-exp [R + P] float32 over the row's past chunk, at `partial_row`; rows of empty slots
     are not written. P: the spare rows of `partial_rows`."""
@@ -283,6 +296,7 @@ def attention_partials(q, k, v, work, layout, *, slots, scale, config, interpret
         num_heads=num_heads,
         num_kv_heads=k.shape[1],
         slots=slots,
+        key_tokens=key_tokens,
         scale=scale,
     )
     return pl.pallas_call(
@@ -438,33 +452,54 @@ def work_rows(st, config: MobaConfig) -> int:
     return mosaic.ROWS if st.mosaic_partials else config.block_q
 
 
-def _attend_pass(q, k, v, pos, own, sel, layout, *, st, config):
+def _attend_pass(q, k, v, pos, own, sel, layout, *, st, config, keys=None):
     """Attention of a run of tokens q [T, N, H] (positions pos [T], own chunks own [T]) over
     their selected chunks -> [T, N, H]: the past chunks bucketed into partials, then the own
-    chunk and the merge in one kernel."""
+    chunk and the merge in one kernel. keys: the work list's keys and rows as the Mosaic gate
+    wrote them for these tokens (else `work_keys` of sel)."""
     past = sel[..., 1:]
     if past.shape[-1]:
-        work = work_list(past, k.shape[1], layout.chunk_len.shape[0], work_rows(st, config))
-        partials = past_partials(q, k, v, work, past, layout, st=st, config=config)
+        work = past_work(past, k.shape[1], layout, keys, st=st, config=config)
+        key_tokens = work_key_tokens(q.shape[0], q.shape[1] // k.shape[1], keys is not None)
+        partials = past_partials(q, k, v, work, past, layout, key_tokens=key_tokens, st=st, config=config)
     else:  # top_k 1: the own chunk only
         partials = jnp.zeros((1, q.shape[-1]), q.dtype), jnp.zeros((1,), jnp.float32)
     return own_and_merge(q, k, v, pos, own, sel, layout, partials, st=st, config=config)
 
 
-def past_partials(q, k, v, work, past, layout, *, st, config):
+def work_key_tokens(num_tokens: int, group: int, from_gate: bool) -> int:
+    """Tokens of the work list's rows: the Mosaic gate's (`moba_gate_mosaic.key_tokens`) or
+    num_tokens (`work_keys`)."""
+    return mosaic_gate.key_tokens(num_tokens, group) if from_gate else num_tokens
+
+
+def past_work(past, num_kv_heads, layout, keys, *, st, config):
+    """The `work_list` of `work_rows` rows of past = sel[..., 1:] [T, N, P]: of keys (the
+    Mosaic gate's keys and rows) or, where None, of `work_keys`."""
+    num_tokens, num_heads, slots = past.shape
+    block_q, num_chunks = work_rows(st, config), layout.chunk_len.shape[0]
+    key_tokens = work_key_tokens(num_tokens, num_heads // num_kv_heads, keys is not None)
+    if keys is None:
+        keys = work_keys(past, num_kv_heads, num_chunks, block_q)
+    return work_list(*keys, num_heads * slots * key_tokens, num_kv_heads, num_chunks, block_q)
+
+
+def past_partials(q, k, v, work, past, layout, *, key_tokens, st, config):
     """The past-chunk partials of `work` (the `work_list` of past = sel[..., 1:], `work_rows`
-    rows), by the kernel st chose: (o, lse) at `partial_row`, rows of empty slots not written."""
+    rows, its rows over key_tokens tokens), by the kernel st chose: (o, lse) at `partial_row`,
+    rows of empty slots not written."""
     if st.mosaic_partials:
         num_tokens, num_heads, head_dim = q.shape
         o, lse = mosaic_partials.attention_partials_mosaic(
             q.reshape(-1, head_dim), mosaic_partials.key_pages(k), mosaic_partials.key_pages(v), *work,
             num_rows=partial_rows(num_tokens, num_heads, past.shape[-1], config, num_heads // k.shape[1]),
-            num_tokens=num_tokens, block_size=st.block_size, slots=past.shape[-1], scale=st.scale,
-            config=mosaic_partials.MobaPartialsConfig(),
+            num_tokens=num_tokens, key_tokens=key_tokens, block_size=st.block_size, slots=past.shape[-1],
+            scale=st.scale, config=mosaic_partials.MobaPartialsConfig(),
         )  # fmt: skip
     else:
         o, lse = attention_partials(
-            q, k, v, work, layout, slots=past.shape[-1], scale=st.scale, config=config, interpret=st.interpret
+            q, k, v, work, layout, slots=past.shape[-1], key_tokens=key_tokens, scale=st.scale, config=config,
+            interpret=st.interpret,
         )
     return o, lse
 
@@ -503,33 +538,46 @@ def key_block(config: MobaConfig, block_size: int) -> int:
 
 
 def _select(st: _Static, q, k, layout):
+    """sel [T, N, slots]: the own chunk, then the past picks (-1: empty)."""
+    return _selection(st, q, k, layout)[0]
+
+
+def _selection(st: _Static, q, k, layout):
+    """(sel [T, N, slots], the work list's keys and rows as the Mosaic gate wrote them: None
+    for the other gate, or with no past slot)."""
     slots = num_slots(st.top_k, k.shape[0], st.block_size)
     kbar = chunk_means_pallas(
         k, layout, dtype=q.dtype, block_k=key_block(st.config, st.block_size), interpret=st.interpret,
         num_warps=4
     )
     if st.mosaic_gate:
-        return select_mosaic(q, kbar, layout, slots=slots, block_size=st.block_size)
-    return select_chunks_pallas(
+        pad = work_rows(st, tile_config(st.config, st.block_size, q.shape[2], q.dtype.itemsize))
+        return select_mosaic(q, kbar, layout, slots=slots, block_size=st.block_size, pad=pad)
+    sel = select_chunks_pallas(
         q, kbar, layout, slots=slots, block_q=st.config.gate_block_q, max_scores=st.config.gate_scores,
         interpret=st.interpret, num_warps=st.config.gate_num_warps,
     )  # fmt: skip
+    return sel, None
 
 
-def select_mosaic(q, kbar, layout, *, slots, block_size):
+def select_mosaic(q, kbar, layout, *, slots, block_size, pad):
     """`select_chunks_pallas` by `moba_gate_mosaic` for one sequence's tokens q [T, N, H] at
-    consecutive positions (kbar: the hi and lo pooled keys) -> sel [T, N, slots]."""
+    consecutive positions (kbar: the hi and lo pooled keys) -> (sel [T, N, slots], the work
+    list's keys and rows: `work_keys`' layout over `moba_gate_mosaic.key_tokens` tokens, at
+    least pad rows of padding; None for slots 1)."""
     num_tokens, num_heads, _ = q.shape
     own = jnp.broadcast_to(layout.token_own[:, None, None], (num_tokens, num_heads, 1))
     if slots == 1:
-        return own
-    short = mosaic.tile_tokens(num_heads // kbar[0].shape[0]) - num_tokens
-    picks = mosaic_gate.select_chunks_mosaic(
+        return own, None
+    num_kv_heads, num_chunks = kbar[0].shape[0], layout.chunk_len.shape[0]
+    short = mosaic.tile_tokens(num_heads // num_kv_heads) - num_tokens
+    keys, rows = mosaic_gate.select_chunks_mosaic(
         jnp.pad(q, ((0, short), (0, 0), (0, 0))) if short > 0 else q,
         *(mosaic_gate.pad_chunks(x) for x in kbar), layout.token_pos[:1], num_tokens=num_tokens,
-        block_size=block_size, picks=slots - 1,
+        block_size=block_size, picks=slots - 1, num_chunks=num_chunks, pad=pad, key_dtype=key_dtype(num_chunks),
     )  # fmt: skip
-    return jnp.concatenate([own, picks], axis=-1)
+    picks = mosaic_gate.picks_of_keys(keys, num_tokens, num_heads, num_kv_heads, slots - 1, num_chunks)
+    return jnp.concatenate([own, picks], axis=-1), (keys, rows)
 
 
 def tile_config(config: MobaConfig, block_size: int, head_dim: int, itemsize: int) -> MobaConfig:
@@ -547,9 +595,11 @@ def pass_tokens(config: MobaConfig, num_heads: int, slots: int, head_dim: int, i
 
 
 def _forward(st: _Static, q, k, v, layout):
-    sel = _select(st, q, k, layout)
+    sel, keys = _selection(st, q, k, layout)
     config = tile_config(st.config, st.block_size, q.shape[2], q.dtype.itemsize)
     step = pass_tokens(config, q.shape[1], sel.shape[-1], q.shape[2], q.dtype.itemsize)
+    if step < q.shape[0]:  # passes: each builds its own work list from its part of sel
+        keys = None
     outs = []
     for t0 in range(0, q.shape[0], step):
         t1 = min(q.shape[0], t0 + step)
@@ -558,7 +608,7 @@ def _forward(st: _Static, q, k, v, layout):
         outs.append(
             _attend_pass(
                 q[t0:t1], k, v, layout.token_pos[t0:t1], layout.token_own[t0:t1], sel[t0:t1], layout,
-                st=st, config=config,
+                st=st, config=config, keys=keys,
             )  # fmt: skip
         )
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)

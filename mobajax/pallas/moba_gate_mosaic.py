@@ -19,11 +19,13 @@ A tile is ROWS // G tokens x the G query heads of one kv head, as in `moba_finis
   `picks` rounds of (the block's best score, its lowest chunk id among equals: `block_pick`),
   each inserted into a best-first list of `picks` (score, id) row vectors that it ranks above
   (a later block's chunk never wins a tie, its id is higher); the list's ids go out through SMEM
-  by TMA. A block's wgmma is issued before the previous block's picks, which run while it is on
-  the tensor cores (FA3's intra-warpgroup overlap).
+  by TMA, as the work list's sort keys and rows (`moba_attention.work_keys`). A block's wgmma is
+  issued before the previous block's picks, which run while it is on the tensor cores (FA3's
+  intra-warpgroup overlap).
 
 Shapes: q [T', N, H] (T' >= T, T' >= `tile_tokens`); hi, lo [K, Cp, H] (Cp a multiple of
-BLOCK_C); base [1] int32 (position of token 0) -> [T, N, picks] int32 chunk ids.
+BLOCK_C); base [1] int32 (position of token 0) -> the work list's keys and rows [R + pad], R =
+N * picks * `key_tokens(T, G)` (`picks_of_keys` reads the picks [T, N, picks] back).
 """
 
 from __future__ import annotations
@@ -76,6 +78,23 @@ def block_pick(s, place):
     return top, idx, jnp.where(place == lax.broadcast_in_dim(idx, s.shape, [0]), -jnp.inf, s)
 
 
+def key_tokens(num_tokens: int, group: int) -> int:
+    """Tokens of the gate's work-list rows: num_tokens rounded up to whole tiles (the rows of
+    tokens past the last hold the last chunk, as empty slots do)."""
+    tokens = tile_tokens(group)
+    return -(-num_tokens // tokens) * tokens
+
+
+def picks_of_keys(keys, num_tokens, num_heads, num_kv_heads, picks, num_chunks):
+    """The picks [T, N, picks] int32 (-1: empty) in work-list keys [R + pad] (`work_keys`'
+    layout over `key_tokens` tokens; the last chunk marks an empty slot)."""
+    group = num_heads // num_kv_heads
+    padded = key_tokens(num_tokens, group)
+    ids = keys[: num_heads * picks * padded].astype(jnp.int32).reshape(num_kv_heads, picks, padded, group)
+    ids = ids.transpose(2, 0, 3, 1).reshape(padded, num_heads, picks)[:num_tokens]
+    return jnp.where(ids == num_chunks - 1, -1, ids)
+
+
 def _insert(held, top, idx):
     """held (scores, ids): tuples of row vectors, best first; (top, idx) placed where it ranks
     above (strictly higher score), the worst pair dropped."""
@@ -92,9 +111,16 @@ def _insert(held, top, idx):
     return tuple(new_scores), tuple(new_ids)
 
 
-@functools.partial(jax.jit, static_argnames=("num_tokens", "block_size", "picks", "num_programs"))
-def select_chunks_mosaic(q, hi, lo, base, *, num_tokens, block_size, picks, num_programs=132):
-    """Picks [T, N, picks] int32 of T = num_tokens tokens at positions base[0] + t.
+@functools.partial(
+    jax.jit, static_argnames=("num_tokens", "block_size", "picks", "num_chunks", "pad", "key_dtype", "num_programs")
+)
+def select_chunks_mosaic(q, hi, lo, base, *, num_tokens, block_size, picks, num_chunks, pad, key_dtype,
+                         num_programs=132):  # fmt: skip
+    """The picks of T = num_tokens tokens at positions base[0] + t, as the work list's sort
+    input: keys [R + P] key_dtype and rows [R + P] int32 in `moba_attention.work_keys`' layout
+    over `key_tokens(T, G)` tokens (R = N * picks * that), P = pad rounded up to a multiple of
+    HALF; the last of num_chunks chunks marks an empty slot, a token past the last and a pad
+    row.
 
     q [T', N, H] (T' >= T and T' >= `tile_tokens`); hi, lo [K, Cp, H] q's dtype, Cp a multiple of
     BLOCK_C past the last chunk; base [1] int32."""
@@ -113,9 +139,12 @@ def select_chunks_mosaic(q, hi, lo, base, *, num_tokens, block_size, picks, num_
     gather, _, _ = mosaic_rows.row_copies(row_bytes=h * q.dtype.itemsize, rows_of=rows_of)
     tile_desc = finish_mosaic.tile_descriptors(num_tiles, num_kv_heads, tokens)
     row = plgpu.Layout.WGMMA.reduce(1)
+    padded = key_tokens(num_tokens, group)
+    num_rows, pad_rows = num_heads * picks * padded, -(-pad // HALF) * HALF
+    last = float(num_chunks - 1)
 
-    def kernel(base_ref, desc_ref, q_ref, hi_ref, lo_ref, out_ref, scoped):
-        (hi_smem, lo_smem, q_smem, out_smem, rows_smem), (c_ready, q_ready), (c_free, q_free) = scoped
+    def kernel(base_ref, desc_ref, q_ref, hi_ref, lo_ref, keys_ref, order_ref, scoped):
+        (hi_smem, lo_smem, q_smem, keys_smem, order_smem, rows_smem), (c_ready, q_ready), (c_free, q_free) = scoped
         cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
         tiles = jnp.maximum(lax.div(num_tiles - cta + programs - 1, programs), 0)
         pos_base = base_ref[0]
@@ -136,8 +165,24 @@ def select_chunks_mosaic(q, hi, lo, base, *, num_tokens, block_size, picks, num_
             # a chunk's place in its block: ids are kept as float32 (exact below 2**24)
             cid = plgpu.broadcasted_iota(jnp.int32, (HALF, BLOCK_C), 1, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
 
+            def write_rows(first_row, ids, j=0):
+                """ids [HALF] (float32 chunk ids) as keys, and their row numbers, to rows
+                first_row + r, through the warpgroup's pick-j staging slot."""
+                keys_smem.at[wg, j][...] = ids.astype(jnp.int32).astype(key_dtype)
+                order_smem.at[wg, j][...] = first_row + ri
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(keys_smem.at[wg, j], keys_ref.at[pl.ds(first_row, HALF)])
+                plgpu.copy_smem_to_gmem(order_smem.at[wg, j], order_ref.at[pl.ds(first_row, HALF)])
+
+            @pl.when((cta == 0) & (wg == 0))
+            def _pad():  # the pad rows, by the first CTA
+                lasts = plgpu.layout_cast(jnp.full((HALF,), last, jnp.float32), row)
+                for p in range(0, pad_rows, HALF):
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    write_rows(num_rows + p, lasts)
+
             def tile(i, g0):
-                w, t0, _, blocks = tile_of(i)
+                _, t0, head, blocks = tile_of(i)
                 qs = lax.rem(i, 2)
                 my_q = q_smem.at[qs, wg]
                 plgpu.barrier_wait(q_ready.at[qs])
@@ -186,11 +231,11 @@ def select_chunks_mosaic(q, hi, lo, base, *, num_tokens, block_size, picks, num_
                 carry = lax.fori_loop(jnp.maximum(whole, 1), blocks, functools.partial(step, masked=True), carry)
                 best, ids = fold(*carry, blocks - 1, masked=True)
                 plgpu.barrier_arrive(q_free.at[qs])  # the slot's last wgmma read is done
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's ids are out
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's keys are out
+                live = t0 + wg * half_tokens + lax.div(ri, group) < num_tokens
                 for j in range(picks):
-                    out_smem.at[wg, j][...] = jnp.where(best[j] > -jnp.inf, ids[j], -1.0).astype(jnp.int32)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(out_smem.at[wg], out_ref.at[w, wg])
+                    first_row = ((head * picks + j) * padded + t0 + wg * half_tokens) * group
+                    write_rows(first_row, jnp.where(live & (best[j] > -jnp.inf), ids[j], last), j)
                 return g0 + blocks
 
             lax.fori_loop(0, tiles, tile, jnp.int32(0))
@@ -243,7 +288,8 @@ def select_chunks_mosaic(q, hi, lo, base, *, num_tokens, block_size, picks, num_
                 plgpu.SMEM((STAGES, BLOCK_C, h), q.dtype, transforms=transforms),
                 plgpu.SMEM((STAGES, BLOCK_C, h), q.dtype, transforms=transforms),
                 plgpu.SMEM((2, 2, HALF, h), q.dtype, transforms=transforms),  # Q rows
-                plgpu.SMEM((2, picks, HALF), jnp.int32),  # a tile's picks, per compute warpgroup
+                plgpu.SMEM((2, picks, HALF), key_dtype),  # a tile's picks as keys, per compute warpgroup
+                plgpu.SMEM((2, picks, HALF), jnp.int32),  # and their rows
                 plgpu.SMEM((2, 2, mosaic_rows.ROWS), jnp.int32),  # the tile's rows in q
             ),
             (
@@ -257,17 +303,16 @@ def select_chunks_mosaic(q, hi, lo, base, *, num_tokens, block_size, picks, num_
             collective_axes="wg",
         )
 
-    out = plgpu.kernel(
+    return plgpu.kernel(
         entry,
-        out_type=jax.ShapeDtypeStruct((num_tiles, 2, picks, HALF), jnp.int32),
+        out_type=(
+            jax.ShapeDtypeStruct((num_rows + pad_rows,), key_dtype),
+            jax.ShapeDtypeStruct((num_rows + pad_rows,), jnp.int32),
+        ),
         grid=(programs,),
         grid_names=("cta",),
         num_threads=4,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(base, tile_desc, q, hi, lo)
-    # tile (token block, kv head), warpgroup, pick, (token, head in the group) -> [T, N, picks]
-    out = out.reshape(tile_blocks, num_kv_heads, 2, picks, half_tokens, group)
-    out = out.transpose(0, 2, 4, 1, 5, 3).reshape(tile_blocks * tokens, num_heads, picks)
-    return out[:num_tokens]
 

@@ -74,7 +74,7 @@ def key_pages(x: jax.Array) -> jax.Array:
     return finish_mosaic.key_pages(x, BLOCK_KV)
 
 
-def _rows_of(*, slots, num_heads, num_kv_heads, num_tokens):
+def _rows_of(*, slots, num_heads, num_kv_heads, num_tokens, key_tokens):
     """`mosaic_rows.row_copies`' rows_of for a work-list tile (descriptor [start, size], ref:
     the sorted rows): entry r's query row (`moba_attention.work_row_query`; 0 past size) and its
     `partial_row` (-1 past size)."""
@@ -85,10 +85,10 @@ def _rows_of(*, slots, num_heads, num_kv_heads, num_tokens):
     group = num_heads // num_kv_heads
     stride = token_stride(num_tokens)
 
-    def query_and_partial_row(e):  # e = ((kv head * T + token) * group + head in group) * slots + slot
-        slot, e = arith.remsi(e, i32(slots)), arith.divsi(e, i32(slots))
+    def query_and_partial_row(e):  # e = ((kv head * slots + slot) * key_tokens + token) * group + head in group
         head_in_group, e = arith.remsi(e, i32(group)), arith.divsi(e, i32(group))
-        tok, kv_head = arith.remsi(e, i32(num_tokens)), arith.divsi(e, i32(num_tokens))
+        tok, e = arith.remsi(e, i32(key_tokens)), arith.divsi(e, i32(key_tokens))
+        slot, kv_head = arith.remsi(e, i32(slots)), arith.divsi(e, i32(slots))
         head = arith.addi(arith.muli(kv_head, i32(group)), head_in_group)
         query = arith.addi(arith.muli(tok, i32(num_heads)), head)
         block = arith.addi(arith.muli(slot, i32(num_kv_heads)), kv_head)
@@ -104,13 +104,16 @@ def _rows_of(*, slots, num_heads, num_kv_heads, num_tokens):
     return rows_of
 
 
-@functools.partial(jax.jit, static_argnames=("num_rows", "num_tokens", "block_size", "slots", "scale", "config"))
+@functools.partial(
+    jax.jit, static_argnames=("num_rows", "num_tokens", "key_tokens", "block_size", "slots", "scale", "config")
+)
 def attention_partials_mosaic(q, k_pages, v_pages, bucket, start, size, order, *, num_rows, num_tokens,
-                              block_size, slots, scale, config):  # fmt: skip
+                              key_tokens, block_size, slots, scale, config):  # fmt: skip
     """q [T * N, H]; k_pages, v_pages [S / BLOCK_KV, BLOCK_KV, K, H] (chunk c starts at key
     c * block_size); bucket, start, size [W] int32 and order [R' + ROWS] int32: `work_list(...,
-    ROWS)` of the past slots (slots of them per (token, head)) -> o [num_rows, H] q's dtype and
-    lse [num_rows] float32 (natural), at the rows' `partial_row`."""
+    ROWS)` of the past slots (slots of them per (token, head); its rows over key_tokens >=
+    num_tokens tokens) -> o [num_rows, H] q's dtype and lse [num_rows] float32 (natural), at the
+    rows' `partial_row`."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     h = q.shape[-1]
@@ -120,7 +123,9 @@ def attention_partials_mosaic(q, k_pages, v_pages, bucket, start, size, order, *
     stages, programs = STAGES, config.num_programs
     steps = block_size // BLOCK_KV
     log2_scale = scale / math.log(2.0)
-    rows_of = _rows_of(slots=slots, num_heads=num_heads, num_kv_heads=num_kv_heads, num_tokens=num_tokens)
+    rows_of = _rows_of(
+        slots=slots, num_heads=num_heads, num_kv_heads=num_kv_heads, num_tokens=num_tokens, key_tokens=key_tokens
+    )
     gather, scatter, scatter_words = mosaic_rows.row_copies(row_bytes=h * dtype.itemsize, rows_of=rows_of, num_refs=1)
     tiles_live = jnp.count_nonzero(size).astype(jnp.int32)[None]
     tile = jnp.stack([start, size], axis=1)  # [W, 2]

@@ -26,11 +26,15 @@ def test_lowers_to_mosaic_gpu(picks, chunks):
     t, n, kv, h = 1000, 16, 4, 128
     fn = jax.jit(
         mosaic.select_chunks_mosaic.__wrapped__,
-        static_argnames=("num_tokens", "block_size", "picks", "num_programs"),
+        static_argnames=("num_tokens", "block_size", "picks", "num_chunks", "pad", "key_dtype", "num_programs"),
     )
     pooled = SHAPE((kv, chunks, h), BF16)
     lowered = fn.trace(SHAPE((t, n, h), BF16), pooled, pooled, SHAPE((1,), jnp.int32), num_tokens=t,
-                       block_size=16, picks=picks)  # fmt: skip
+                       block_size=16, picks=picks, num_chunks=chunks, pad=128,
+                       key_dtype=ma.key_dtype(chunks))  # fmt: skip
+    keys, rows = lowered.out_info
+    assert keys.shape == rows.shape == (n * picks * mosaic.key_tokens(t, n // kv) + 128,)
+    assert keys.dtype == (jnp.uint8 if chunks <= 256 else jnp.uint16)
     assert "mosaic_gpu" in lowered.lower(lowering_platforms=("cuda",)).as_text()
 
 
@@ -157,3 +161,22 @@ def test_gpu_mosaic_ties_go_to_the_lower_chunk(block, top_k):
             np.testing.assert_array_equal(run, members[: len(run)])
             assert start + len(run) == len(ids) or len(run) == len(members)
             start += len(run)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t, n, kv, block, top_k", [(4096, 32, 8, 512, 3), (1000, 16, 2, 16, 4), (700, 8, 8, 64, 2)])
+def test_gpu_mosaic_keys_are_the_work_keys_of_its_picks(t, n, kv, block, top_k):
+    """The keys and rows the Mosaic gate writes are `work_keys` of its picks (over its
+    tile-padded tokens, whose slots are empty), so the work list sorts what the other gates'
+    selections would give it."""
+    if not mosaic_softmax.on_hopper():
+        pytest.skip("the Mosaic kernel needs a Hopper GPU")
+    q, k, _ = random_qkv(5, t, t, n, kv, 128, BF16)
+    layout = ma._prepare(q, k, k, block, top_k, None, None, None)
+    st = ma.with_kernels(ma._Static(block, top_k, 1.0, ma.MobaConfig(gate="mosaic"), False), q, kv, one_sequence=True)
+    sel, (keys, rows) = jax.jit(lambda q, k: ma._selection(st, q, k, layout))(q, k)
+    padded = mosaic.key_tokens(t, n // kv)
+    past = jnp.pad(sel[..., 1:], ((0, padded - t), (0, 0), (0, 0)), constant_values=-1)
+    want_keys, want_rows = ma.work_keys(past, kv, layout.chunk_len.shape[0], keys.shape[0] - past.size)
+    np.testing.assert_array_equal(np.asarray(keys), np.asarray(want_keys))
+    np.testing.assert_array_equal(np.asarray(rows), np.asarray(want_rows))

@@ -29,7 +29,7 @@ def test_lowers_to_mosaic_gpu(slots):
     tiles = 300
     fn = jax.jit(
         mosaic.attention_partials_mosaic.__wrapped__,
-        static_argnames=("num_rows", "num_tokens", "block_size", "slots", "scale", "config"),
+        static_argnames=("num_rows", "num_tokens", "key_tokens", "block_size", "slots", "scale", "config"),
     )
     args = (
         SHAPE((t * n, h), BF16),
@@ -39,8 +39,8 @@ def test_lowers_to_mosaic_gpu(slots):
         SHAPE((t * n * slots + mosaic.ROWS,), jnp.int32),
     )
     rows = slots * n * finish_mosaic.token_stride(t) + mosaic.ROWS
-    lowered = fn.trace(*args, num_rows=rows, num_tokens=t, block_size=block, slots=slots, scale=h**-0.5,
-                       config=mosaic.MobaPartialsConfig())  # fmt: skip
+    lowered = fn.trace(*args, num_rows=rows, num_tokens=t, key_tokens=t, block_size=block, slots=slots,
+                       scale=h**-0.5, config=mosaic.MobaPartialsConfig())  # fmt: skip
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
