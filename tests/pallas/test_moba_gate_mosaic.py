@@ -74,6 +74,19 @@ def test_picks_keep_the_best_first_lower_id_on_ties(scores_of):
         assert got == [c if scores[r, c] > -np.inf else -1 for c in want], r
 
 
+@pytest.mark.parametrize("t, n, kv, picks, chunks", [(37, 16, 4, 2, 9), (70, 8, 8, 3, 300), (5, 16, 1, 1, 4)])
+def test_picks_of_keys_reads_back_work_keys(t, n, kv, picks, chunks):
+    """`picks_of_keys` inverts `moba_attention.work_keys` over the gate's tile-padded tokens
+    (the layout the kernel writes): the picks come back, empty slots as -1."""
+    rng = np.random.default_rng(t)
+    past = rng.integers(0, chunks - 1, (t, n, picks))
+    past = jnp.asarray(np.where(rng.random(past.shape) < 0.3, -1, past), jnp.int32)
+    padded = mosaic.key_tokens(t, n // kv)
+    assert padded % mosaic.tile_tokens(n // kv) == 0 and padded >= t
+    keys, _ = ma.work_keys(jnp.pad(past, ((0, padded - t), (0, 0), (0, 0)), constant_values=-1), kv, chunks, 64)
+    np.testing.assert_array_equal(mosaic.picks_of_keys(keys, t, n, kv, picks, chunks), past)
+
+
 def test_pad_chunks_to_whole_blocks():
     x = jnp.ones((2, 16, 8), F32)
     padded = mosaic.pad_chunks(x)
