@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -120,6 +121,10 @@ MAIN_FLAGS = ("--served-model-name", MODEL_NAME, "--max-model-len", str(MAX_LEN)
 TINY_FLAGS = ("--served-model-name", MODEL_NAME, "--max-model-len", "128", "--num-pages", "8", "--page-size", "16",
               "--max-num-seqs", "8",
               "--max-num-batched-tokens", "128", "--no-enable-prefix-caching")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(COMPILATION_CACHE, ignore_errors=True)  # one per run: left behind, they fill the disk
 
 
 def pytest_collection_modifyitems(items):
