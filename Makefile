@@ -37,7 +37,7 @@ test: setup-test
 	$(PY) -m pytest -q
 
 lint: setup
-	$(PY) -m ruff check mobajax tests
+	$(PY) -m ruff check mobajax tests tools
 
 clean:
 	rm -rf $(VENV)
