@@ -143,10 +143,12 @@ def main(argv=None):
             bytecode = pathlib.Path(tmp) / "module.mlirbc"
             bytecode.write_bytes(module)
             env = dict(os.environ, LD_LIBRARY_PATH=str(stub), MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_TO=tmp)
-            subprocess.run([sys.executable, __file__, "--out", tmp, "--_compile", f"{plugin}:{bytecode}"],
-                           env=env, capture_output=True)  # fmt: skip
-            (ptx,) = pathlib.Path(tmp).glob("*.ptx")
-            (args.out / f"{name}.ptx").write_text(ptx.read_text())
+            child = subprocess.run([sys.executable, __file__, "--out", tmp, "--_compile", f"{plugin}:{bytecode}"],
+                                   env=env, capture_output=True, text=True)  # fmt: skip
+            ptx = list(pathlib.Path(tmp).glob("*.ptx"))
+            if len(ptx) != 1:
+                sys.exit(f"{name}: the plugin's compiler wrote no PTX:\n{child.stderr[-3000:]}")
+            (args.out / f"{name}.ptx").write_text(ptx[0].read_text())
         cubin = args.out / f"{name}.cubin"
         log = subprocess.run([ptxas, "-arch=sm_90a", "-v", args.out / f"{name}.ptx", "-o", cubin],
                              capture_output=True, text=True, check=True)  # fmt: skip
