@@ -123,6 +123,8 @@ def main(argv=None):
         plugin, module = args._compile.split(":", 1)
         compile_to_ptx(pathlib.Path(module).read_bytes(), pathlib.Path(plugin))
         return
+    if bad := [m for m in args.module if "=" not in m]:
+        parser.error(f"--module takes KIND=FILE, got {', '.join(bad)}")
     modules = dict(m.split("=", 1) for m in args.module)
     if bad := set(modules) - set(KERNELS):
         parser.error(f"--module KIND must be one of {', '.join(KERNELS)}, got {', '.join(sorted(bad))}")

@@ -34,7 +34,12 @@ def test_overlap_report_counts_what_runs_before_the_wait_for_all_groups():
     ]
 
 
-def test_a_bad_module_kind_is_named(capsys):
+@pytest.mark.parametrize("module, error", [
+    ("pasts=x.py", "--module KIND must be one of gate, past, finish, got pasts"),
+    ("past", "--module takes KIND=FILE, got past"),
+    ("past=no/such/file.py", "--module FILE not found: no/such/file.py"),
+])  # fmt: skip
+def test_a_bad_module_is_named(capsys, module, error):
     with pytest.raises(SystemExit):
-        mosaic_sass.main(["--out", "unused", "--module", "pasts=x.py"])
-    assert "--module KIND must be one of gate, past, finish, got pasts" in capsys.readouterr().err
+        mosaic_sass.main(["--out", "unused", "--module", module])
+    assert error in capsys.readouterr().err
