@@ -7,13 +7,13 @@ Lowers `moba_attention` (heads 32/8, head dim 128, bf16) for CUDA as on a Hopper
 compiles each Mosaic GPU kernel the way the GPU would: PTX by the CUDA PJRT plugin's
 `MosaicGpuCompile` (its wheel is downloaded once; a stub libcuda.so.1 answers its device
 queries with compute capability 9.0), SASS by ptxas (CUDA 13: the one on PATH, else triton's)
-and triton's cuobjdump. For each kernel (gate, past, finish) it writes NAME.ptx, NAME.ptxas
-(registers, spills, ptxas's advisories) and NAME.sass under --out, and prints for each wait for
-one outstanding wgmma group (`WARPGROUP.DEPBAR.LE gsb0, 0x1`) how many instructions and
-exponentials come before the wait for all of them: whether a softmax overlaps the P V in flight
-(docs/benchmarks.md, session 21).
+and triton's cuobjdump. For each kernel (gate, the work list's count and scatter, past, finish)
+it writes NAME.ptx, NAME.ptxas (registers, spills, ptxas's advisories) and NAME.sass under
+--out, and prints for each wait for one outstanding wgmma group (`WARPGROUP.DEPBAR.LE gsb0,
+0x1`) how many instructions and exponentials come before the wait for all of them: whether a
+softmax overlaps the P V in flight (docs/benchmarks.md, session 21).
 
---module KIND=FILE swaps in a variant of a kernel module (KIND: gate, past or finish).
+--module KIND=FILE swaps in a variant of a kernel module (KIND: gate, work, past or finish).
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ import sys
 import tempfile
 import zipfile
 
-KERNELS = ("gate", "past", "finish")  # the order moba_attention launches them in
-MODULES = {"gate": "mosaic_gate", "past": "mosaic_partials", "finish": "mosaic"}  # moba_attention's names
+KERNELS = ("gate", "count", "scatter", "past", "finish")  # the order moba_attention launches them in
+# moba_attention's names of their modules (count and scatter: the work list's)
+MODULES = {"gate": "mosaic_gate", "work": "mosaic_work", "past": "mosaic_partials", "finish": "mosaic"}
 CACHE = pathlib.Path.home() / ".cache" / "mobajax" / "mosaic-sass"
 STUB_C = r"""
 typedef int CUresult;
@@ -116,7 +117,7 @@ def main(argv=None):
     parser.add_argument("--block", type=int, default=512)
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--module", action="append", default=[], metavar="KIND=FILE",
-                        help=f"a variant kernel module; KIND is one of {', '.join(KERNELS)}")  # fmt: skip
+                        help=f"a variant kernel module; KIND is one of {', '.join(MODULES)}")  # fmt: skip
     parser.add_argument("--_compile", help=argparse.SUPPRESS)  # internal: the child process
     args = parser.parse_args(argv)
     if args._compile:
@@ -126,8 +127,8 @@ def main(argv=None):
     if bad := [m for m in args.module if "=" not in m]:
         parser.error(f"--module takes KIND=FILE, got {', '.join(bad)}")
     modules = dict(m.split("=", 1) for m in args.module)
-    if bad := set(modules) - set(KERNELS):
-        parser.error(f"--module KIND must be one of {', '.join(KERNELS)}, got {', '.join(sorted(bad))}")
+    if bad := set(modules) - set(MODULES):
+        parser.error(f"--module KIND must be one of {', '.join(MODULES)}, got {', '.join(sorted(bad))}")
     if missing := [path for path in modules.values() if not os.path.isfile(path)]:
         parser.error(f"--module FILE not found: {', '.join(missing)}")
     import jax

@@ -42,6 +42,7 @@ from mobajax import moba as moba_ref
 from mobajax.pallas import moba_finish_mosaic as mosaic
 from mobajax.pallas import moba_gate_mosaic as mosaic_gate
 from mobajax.pallas import moba_partials_mosaic as mosaic_partials
+from mobajax.pallas import moba_work_mosaic as mosaic_work
 from mobajax.pallas import online_softmax as osm
 from mobajax.pallas.moba_gate import (
     MAX_CHUNKS,
@@ -474,14 +475,22 @@ def work_key_tokens(num_tokens: int, group: int, from_gate: bool) -> int:
 
 
 def past_work(past, num_kv_heads, layout, keys, *, st, config):
-    """The `work_list` of `work_rows` rows of past = sel[..., 1:] [T, N, P]: of keys (the
-    Mosaic gate's keys and rows) or, where None, of `work_keys`."""
+    """The work list of `work_rows` rows of past = sel[..., 1:] [T, N, P], of keys (the Mosaic
+    gate's keys and rows) or, where None, of `work_keys`: for the Mosaic partials kernel, (bucket,
+    tile, tiles_live, order) (`moba_work_mosaic`, or `work_list`'s in that form where its counters
+    do not fit); else `work_list`'s (bucket, start, size, order)."""
     num_tokens, num_heads, slots = past.shape
     block_q, num_chunks = work_rows(st, config), layout.chunk_len.shape[0]
     key_tokens = work_key_tokens(num_tokens, num_heads // num_kv_heads, keys is not None)
     if keys is None:
         keys = work_keys(past, num_kv_heads, num_chunks, block_q)
-    return work_list(*keys, num_heads * slots * key_tokens, num_kv_heads, num_chunks, block_q)
+    num_rows = num_heads * slots * key_tokens
+    if st.mosaic_partials and mosaic_work.fits(num_chunks, num_kv_heads):
+        return mosaic_work.work_list_mosaic(
+            keys[0], num_rows=num_rows, num_kv_heads=num_kv_heads, num_chunks=num_chunks
+        )
+    work = work_list(*keys, num_rows, num_kv_heads, num_chunks, block_q)
+    return mosaic_partials.live_tiles(*work) if st.mosaic_partials else work
 
 
 def past_partials(q, k, v, work, past, layout, *, key_tokens, st, config):

@@ -104,16 +104,23 @@ def _rows_of(*, slots, num_heads, num_kv_heads, num_tokens, key_tokens):
     return rows_of
 
 
+def live_tiles(bucket, start, size, order):
+    """`work_list`'s (bucket, start, size, order) as this kernel reads a work list: (bucket, tile
+    [W, 2] (start, size), tiles_live [1] (its tiles with rows come first), order)."""
+    return bucket, jnp.stack([start, size], axis=1), jnp.count_nonzero(size).astype(jnp.int32)[None], order
+
+
 @functools.partial(
     jax.jit, static_argnames=("num_rows", "num_tokens", "key_tokens", "block_size", "slots", "scale", "config")
 )
-def attention_partials_mosaic(q, k_pages, v_pages, bucket, start, size, order, *, num_rows, num_tokens,
+def attention_partials_mosaic(q, k_pages, v_pages, bucket, tile, tiles_live, order, *, num_rows, num_tokens,
                               key_tokens, block_size, slots, scale, config):  # fmt: skip
     """q [T * N, H]; k_pages, v_pages [S / BLOCK_KV, BLOCK_KV, K, H] (chunk c starts at key
-    c * block_size); bucket, start, size [W] int32 and order [R' + ROWS] int32: `work_list(...,
-    ROWS)` of the past slots (slots of them per (token, head); its rows over key_tokens >=
-    num_tokens tokens) -> o [num_rows, H] q's dtype and lse [num_rows] float32 (natural), at the
-    rows' `partial_row`."""
+    c * block_size); bucket [W], tile [W, 2] (first sorted row, live rows), tiles_live [1] and
+    order int32: the work list of the past slots in tiles of ROWS rows (`moba_work_mosaic`, or
+    `live_tiles` of `work_list`; slots per (token, head); its rows over key_tokens >= num_tokens
+    tokens) -> o [num_rows, H] q's dtype and lse [num_rows] float32 (natural), at the rows'
+    `partial_row`."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     h = q.shape[-1]
@@ -127,8 +134,6 @@ def attention_partials_mosaic(q, k_pages, v_pages, bucket, start, size, order, *
         slots=slots, num_heads=num_heads, num_kv_heads=num_kv_heads, num_tokens=num_tokens, key_tokens=key_tokens
     )
     gather, scatter, scatter_words = mosaic_rows.row_copies(row_bytes=h * dtype.itemsize, rows_of=rows_of, num_refs=1)
-    tiles_live = jnp.count_nonzero(size).astype(jnp.int32)[None]
-    tile = jnp.stack([start, size], axis=1)  # [W, 2]
 
     def kernel(n_ref, bucket_ref, tile_ref, order_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped):
         (k_smem, v_smem, q_smem, lse_smem, rows_smem), ready, free = scoped

@@ -48,7 +48,8 @@ def load_i32(ptr, index):
     return llvm.load(b32, mu.getelementptr(ptr, [index], b32))
 
 
-def _store_i32(value, ptr, index):
+def store_i32(value, ptr, index):
+    """ptr[index] = value, an int32 (MLIR)."""
     from jax.experimental.mosaic.gpu import utils as mu
     from jaxlib.mlir import ir
     from jaxlib.mlir.dialects import llvm
@@ -120,8 +121,8 @@ def row_copies(*, row_bytes: int, rows_of, num_refs: int = 0):
         for k in range(ROWS // THREADS):
             r = arith.addi(tid, i32(k * THREADS))
             src_row, dest = rows_of(mu.memref_ptr(tile), [mu.memref_ptr(x) for x in refs], r)
-            _store_i32(src_row, rows_ptr, r)
-            _store_i32(dest, rows_ptr, arith.addi(r, i32(ROWS)))
+            store_i32(src_row, rows_ptr, r)
+            store_i32(dest, rows_ptr, arith.addi(r, i32(ROWS)))
         mu.warpgroup_barrier()
         for k in range(ROWS // row_step):
             r = arith.addi(row0, i32(k * row_step))

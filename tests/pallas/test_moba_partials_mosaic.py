@@ -35,8 +35,10 @@ def test_lowers_to_mosaic_gpu(slots):
         SHAPE((t * n, h), BF16),
         SHAPE((pages, mosaic.BLOCK_KV, kv, h), BF16),
         SHAPE((pages, mosaic.BLOCK_KV, kv, h), BF16),
-        *(SHAPE((tiles,), jnp.int32),) * 3,
-        SHAPE((t * n * slots + mosaic.ROWS,), jnp.int32),
+        SHAPE((tiles,), jnp.int32),
+        SHAPE((tiles, 2), jnp.int32),
+        SHAPE((1,), jnp.int32),
+        SHAPE((t * n * slots,), jnp.int32),
     )
     rows = slots * n * finish_mosaic.token_stride(t) + mosaic.ROWS
     lowered = fn.trace(*args, num_rows=rows, num_tokens=t, key_tokens=t, block_size=block, slots=slots,
