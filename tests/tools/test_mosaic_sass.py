@@ -35,7 +35,7 @@ def test_overlap_report_counts_what_runs_before_the_wait_for_all_groups():
 
 
 @pytest.mark.parametrize("module, error", [
-    ("pasts=x.py", "--module KIND must be one of gate, past, finish, got pasts"),
+    ("pasts=x.py", "--module KIND must be one of gate, work, past, finish, got pasts"),
     ("past", "--module takes KIND=FILE, got past"),
     ("past=no/such/file.py", "--module FILE not found: no/such/file.py"),
 ])  # fmt: skip
