@@ -7,7 +7,8 @@ Pipeline (one jit):
 2. Work list (XLA): every (token, head, past slot) row goes to the bucket (chunk, kv head) it
    reads; one stable sort by chunk of the rows numbered kv head first, then tiles of `block_q`
    rows that all read the same chunk of one kv head. The Mosaic gate writes the sort's keys and
-   rows itself.
+   rows itself; with the Mosaic past-chunk kernel, `moba_work_mosaic` builds the work list by a
+   counting sort instead (no order within a bucket).
 3. `moba_attention_kernel`: per tile, gather the query rows, stream the chunk's keys (blocks that
    every row sees whole as contiguous loads without a mask, the chunk's tail masked), write a
    normalised partial output and its log-sum-exp per row. On Hopper, for one sequence of 16-bit
