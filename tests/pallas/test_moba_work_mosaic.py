@@ -78,3 +78,28 @@ def test_gpu_work_list_matches_the_sorted_one(rows, pad, kv, chunks, empty_share
         first, count = tile[:n][bucket[:n] == b][0, 0], tile[:n][bucket[:n] == b][:, 1].sum()
         np.testing.assert_array_equal(np.sort(order[first:first + count]), want_order[first:first + count])
     assert tile[:n, 1].sum() == np.count_nonzero(np.asarray(keys[:rows]) != chunks - 1)
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_the_mosaic_partials_kernel_gets_this_work_list_where_its_counters_fit(monkeypatch, fits):
+    """With the Mosaic past-chunk kernel, `past_work` builds the work list here (the gate's keys
+    alone); where the buckets' counters do not fit, `work_list`'s, in the same form."""
+    t, n, kv, chunks, block = 96, 8, 2, 6, 64
+    rng = np.random.default_rng(1)
+    past = jnp.asarray(rng.integers(-1, chunks - 1, (t, n, 2)), jnp.int32)
+    q, k = jnp.zeros((t, n, 128), jnp.bfloat16), jnp.zeros((chunks * block, kv, 128), jnp.bfloat16)
+    layout = ma._prepare(q, k, None, block, 3, None, None, None, check_v=False)
+    st = ma._Static(block, 3, 1.0, ma.MobaConfig(), False, mosaic_partials=True)
+    keys = ma.work_keys(past, kv, chunks, mosaic.ROWS)
+    seen = []
+    monkeypatch.setattr(mosaic, "fits", lambda c, h: fits)
+    monkeypatch.setattr(mosaic, "work_list_mosaic", lambda keys, **kw: seen.append((keys, kw)) or "mosaic")
+    work = ma.past_work(past, kv, layout, None, st=st, config=st.config)
+    if fits:
+        assert work == "mosaic" and seen[0][1] == dict(num_rows=t * n * 2, num_kv_heads=kv, num_chunks=chunks)
+        np.testing.assert_array_equal(seen[0][0], keys[0])
+        return
+    bucket, start, size, order = ma.work_list(*keys, t * n * 2, kv, chunks, mosaic.ROWS)
+    want = (bucket, np.stack([start, size], axis=1), [np.count_nonzero(size)], order)
+    for got, expected in zip(work, want, strict=True):
+        np.testing.assert_array_equal(got, expected)
