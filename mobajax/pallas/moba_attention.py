@@ -6,8 +6,8 @@ Pipeline (one jit):
    for one sequence of 16-bit inputs, `moba_gate_mosaic` picks the chunks (MobaConfig.gate).
 2. Work list (XLA): every (token, head, past slot) row goes to the bucket (chunk, kv head) it
    reads; one stable sort by chunk of the rows numbered kv head first, then tiles of `block_q`
-   rows that all read the same chunk of one kv head. The Mosaic gate writes the sort's keys and
-   rows itself; with the Mosaic past-chunk kernel, `moba_work_mosaic` builds the work list by a
+   rows that all read the same chunk of one kv head. The Mosaic gate writes the sort's keys
+   itself; with the Mosaic past-chunk kernel, `moba_work_mosaic` builds the work list by a
    counting sort instead (no order within a bucket).
 3. `moba_attention_kernel`: per tile, gather the query rows, stream the chunk's keys (blocks that
    every row sees whole as contiguous loads without a mask, the chunk's tail masked), write a
@@ -240,22 +240,22 @@ def key_dtype(num_chunks: int):
 
 
 def work_keys(past, num_kv_heads, num_chunks, pad):
-    """The work list's sort input for past picks [T, N, P] (global chunk ids, -1: empty): keys
-    [R + pad] (`key_dtype`) and their rows [R + pad] int32, R = T * N * P rows numbered kv head
-    first (kv head, slot, token, head within the group: `work_row_query` with key_tokens T).
-    Empty slots, and the pad rows past R, get the last chunk, which no token has in its past.
-    `moba_gate_mosaic` writes the same layout (over its tile-padded tokens)."""
+    """The work list's keys for past picks [T, N, P] (global chunk ids, -1: empty): keys [R + pad]
+    (`key_dtype`) of R = T * N * P rows numbered kv head first (kv head, slot, token, head within
+    the group: `work_row_query` with key_tokens T). Empty slots, and the pad rows past R, get the
+    last chunk, which no token has in its past. `moba_gate_mosaic` writes the same layout (over
+    its tile-padded tokens)."""
     num_tokens, num_heads, slots = past.shape
     empty = num_chunks - 1
     keys = jnp.where(past >= 0, past, empty).reshape(num_tokens, num_kv_heads, num_heads // num_kv_heads, slots)
     keys = jnp.pad(keys.transpose(1, 3, 0, 2).reshape(-1), (0, pad), constant_values=empty)
-    return keys.astype(key_dtype(num_chunks)), jnp.arange(keys.shape[0], dtype=jnp.int32)
+    return keys.astype(key_dtype(num_chunks))
 
 
-def work_list(keys, rows, num_rows, num_kv_heads, num_chunks, block_q):
+def work_list(keys, num_rows, num_kv_heads, num_chunks, block_q):
     """Sort rows by bucket (chunk, kv head) and cut them into tiles of one bucket each.
 
-    keys, rows [num_rows + pad] (`work_keys`' layout, pad >= block_q) -> per tile (bucket,
+    keys [num_rows + pad] (`work_keys`' layout, pad >= block_q) -> per tile (bucket,
     start, live rows) [W] and the sorted rows [num_rows + pad] (the pad rows sort last, so a
     tile's slice never runs off the end). Rows are numbered kv head first, so a stable sort by
     chunk alone leaves each chunk's rows in kv-head order: the buckets in order, with keys of 8
@@ -264,7 +264,7 @@ def work_list(keys, rows, num_rows, num_kv_heads, num_chunks, block_q):
     """
     num_buckets = num_chunks * num_kv_heads
     empty = num_chunks - 1
-    keys, order = jax.lax.sort((keys, rows), num_keys=1)
+    keys, order = jax.lax.sort((keys, jnp.arange(keys.shape[0], dtype=jnp.int32)), num_keys=1)
     # (chunk, kv head) of each sorted row: sorted too (the pad rows' kv head is past the last)
     bucket = keys.astype(jnp.int32) * num_kv_heads + order // (num_rows // num_kv_heads)
     bucket_ids = jnp.arange(num_buckets + 1, dtype=jnp.int32)
@@ -457,8 +457,8 @@ def work_rows(st, config: MobaConfig) -> int:
 def _attend_pass(q, k, v, pos, own, sel, layout, *, st, config, keys=None):
     """Attention of a run of tokens q [T, N, H] (positions pos [T], own chunks own [T]) over
     their selected chunks -> [T, N, H]: the past chunks bucketed into partials, then the own
-    chunk and the merge in one kernel. keys: the work list's keys and rows as the Mosaic gate
-    wrote them for these tokens (else `work_keys` of sel)."""
+    chunk and the merge in one kernel. keys: the work list's keys as the Mosaic gate wrote them
+    for these tokens (else `work_keys` of sel)."""
     past = sel[..., 1:]
     if past.shape[-1]:
         work = past_work(past, k.shape[1], layout, keys, st=st, config=config)
@@ -477,7 +477,7 @@ def work_key_tokens(num_tokens: int, group: int, from_gate: bool) -> int:
 
 def past_work(past, num_kv_heads, layout, keys, *, st, config):
     """The work list of `work_rows` rows of past = sel[..., 1:] [T, N, P], of keys (the Mosaic
-    gate's keys and rows) or, where None, of `work_keys`: for the Mosaic partials kernel, (bucket,
+    gate's) or, where None, of `work_keys`: for the Mosaic partials kernel, (bucket,
     tile, tiles_live, order) (`moba_work_mosaic`, or `work_list`'s in that form where its counters
     do not fit); else `work_list`'s (bucket, start, size, order)."""
     num_tokens, num_heads, slots = past.shape
@@ -487,10 +487,8 @@ def past_work(past, num_kv_heads, layout, keys, *, st, config):
         keys = work_keys(past, num_kv_heads, num_chunks, block_q)
     num_rows = num_heads * slots * key_tokens
     if st.mosaic_partials and mosaic_work.fits(num_chunks, num_kv_heads):
-        return mosaic_work.work_list_mosaic(
-            keys[0], num_rows=num_rows, num_kv_heads=num_kv_heads, num_chunks=num_chunks
-        )
-    work = work_list(*keys, num_rows, num_kv_heads, num_chunks, block_q)
+        return mosaic_work.work_list_mosaic(keys, num_rows=num_rows, num_kv_heads=num_kv_heads, num_chunks=num_chunks)
+    work = work_list(keys, num_rows, num_kv_heads, num_chunks, block_q)
     return mosaic_partials.live_tiles(*work) if st.mosaic_partials else work
 
 
@@ -553,8 +551,8 @@ def _select(st: _Static, q, k, layout):
 
 
 def _selection(st: _Static, q, k, layout):
-    """(sel [T, N, slots], the work list's keys and rows as the Mosaic gate wrote them: None
-    for the other gate, or with no past slot)."""
+    """(sel [T, N, slots], the work list's keys as the Mosaic gate wrote them: None for the
+    other gate, or with no past slot)."""
     slots = num_slots(st.top_k, k.shape[0], st.block_size)
     kbar = chunk_means_pallas(
         k, layout, dtype=q.dtype, block_k=key_block(st.config, st.block_size), interpret=st.interpret,
@@ -573,21 +571,21 @@ def _selection(st: _Static, q, k, layout):
 def select_mosaic(q, kbar, layout, *, slots, block_size, pad):
     """`select_chunks_pallas` by `moba_gate_mosaic` for one sequence's tokens q [T, N, H] at
     consecutive positions (kbar: the hi and lo pooled keys) -> (sel [T, N, slots], the work
-    list's keys and rows: `work_keys`' layout over `moba_gate_mosaic.key_tokens` tokens, at
-    least pad rows of padding; None for slots 1)."""
+    list's keys: `work_keys`' layout over `moba_gate_mosaic.key_tokens` tokens, at least pad
+    rows of padding; None for slots 1)."""
     num_tokens, num_heads, _ = q.shape
     own = jnp.broadcast_to(layout.token_own[:, None, None], (num_tokens, num_heads, 1))
     if slots == 1:
         return own, None
     num_kv_heads, num_chunks = kbar[0].shape[0], layout.chunk_len.shape[0]
     short = mosaic.tile_tokens(num_heads // num_kv_heads) - num_tokens
-    keys, rows = mosaic_gate.select_chunks_mosaic(
+    keys = mosaic_gate.select_chunks_mosaic(
         jnp.pad(q, ((0, short), (0, 0), (0, 0))) if short > 0 else q,
         *(mosaic_gate.pad_chunks(x) for x in kbar), layout.token_pos[:1], num_tokens=num_tokens,
         block_size=block_size, picks=slots - 1, num_chunks=num_chunks, pad=pad, key_dtype=key_dtype(num_chunks),
     )  # fmt: skip
     picks = mosaic_gate.picks_of_keys(keys, num_tokens, num_heads, num_kv_heads, slots - 1, num_chunks)
-    return jnp.concatenate([own, picks], axis=-1), (keys, rows)
+    return jnp.concatenate([own, picks], axis=-1), keys
 
 
 def tile_config(config: MobaConfig, block_size: int, head_dim: int, itemsize: int) -> MobaConfig:

@@ -19,12 +19,12 @@ A tile is ROWS // G tokens x the G query heads of one kv head, as in `moba_finis
   `picks` rounds of (the block's best score, its lowest chunk id among equals: `block_pick`),
   each inserted into a best-first list of `picks` (score, id) row vectors that it ranks above
   (a later block's chunk never wins a tie, its id is higher); the list's ids go out through SMEM
-  by TMA, as the work list's sort keys and rows (`moba_attention.work_keys`). A block's wgmma is
+  by TMA, as the work list's keys (`moba_attention.work_keys`). A block's wgmma is
   issued before the previous block's picks, which run while it is on the tensor cores (FA3's
   intra-warpgroup overlap).
 
 Shapes: q [T', N, H] (T' >= T, T' >= `tile_tokens`); hi, lo [K, Cp, H] (Cp a multiple of
-BLOCK_C); base [1] int32 (position of token 0) -> the work list's keys and rows [R + pad], R =
+BLOCK_C); base [1] int32 (position of token 0) -> the work list's keys [R + pad], R =
 N * picks * `key_tokens(T, G)` (`picks_of_keys` reads the picks [T, N, picks] back).
 """
 
@@ -116,11 +116,10 @@ def _insert(held, top, idx):
 )
 def select_chunks_mosaic(q, hi, lo, base, *, num_tokens, block_size, picks, num_chunks, pad, key_dtype,
                          num_programs=132):  # fmt: skip
-    """The picks of T = num_tokens tokens at positions base[0] + t, as the work list's sort
-    input: keys [R + P] key_dtype and rows [R + P] int32 in `moba_attention.work_keys`' layout
-    over `key_tokens(T, G)` tokens (R = N * picks * that), P = pad rounded up to a multiple of
-    HALF; the last of num_chunks chunks marks an empty slot, a token past the last and a pad
-    row.
+    """The picks of T = num_tokens tokens at positions base[0] + t, as the work list's keys:
+    keys [R + P] key_dtype in `moba_attention.work_keys`' layout over `key_tokens(T, G)` tokens
+    (R = N * picks * that), P = pad rounded up to a multiple of HALF; the last of num_chunks
+    chunks marks an empty slot, a token past the last and a pad row.
 
     q [T', N, H] (T' >= T and T' >= `tile_tokens`); hi, lo [K, Cp, H] q's dtype, Cp a multiple of
     BLOCK_C past the last chunk; base [1] int32."""
@@ -143,8 +142,8 @@ def select_chunks_mosaic(q, hi, lo, base, *, num_tokens, block_size, picks, num_
     num_rows, pad_rows = num_heads * picks * padded, -(-pad // HALF) * HALF
     last = float(num_chunks - 1)
 
-    def kernel(base_ref, desc_ref, q_ref, hi_ref, lo_ref, keys_ref, order_ref, scoped):
-        (hi_smem, lo_smem, q_smem, keys_smem, order_smem, rows_smem), (c_ready, q_ready), (c_free, q_free) = scoped
+    def kernel(base_ref, desc_ref, q_ref, hi_ref, lo_ref, keys_ref, scoped):
+        (hi_smem, lo_smem, q_smem, keys_smem, rows_smem), (c_ready, q_ready), (c_free, q_free) = scoped
         cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
         tiles = jnp.maximum(lax.div(num_tiles - cta + programs - 1, programs), 0)
         pos_base = base_ref[0]
@@ -166,13 +165,11 @@ def select_chunks_mosaic(q, hi, lo, base, *, num_tokens, block_size, picks, num_
             cid = plgpu.broadcasted_iota(jnp.int32, (HALF, BLOCK_C), 1, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
 
             def write_rows(first_row, ids, j=0):
-                """ids [HALF] (float32 chunk ids) as keys, and their row numbers, to rows
-                first_row + r, through the warpgroup's pick-j staging slot."""
+                """ids [HALF] (float32 chunk ids) as the keys of rows first_row + r, through the
+                warpgroup's pick-j staging slot."""
                 keys_smem.at[wg, j][...] = ids.astype(jnp.int32).astype(key_dtype)
-                order_smem.at[wg, j][...] = first_row + ri
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(keys_smem.at[wg, j], keys_ref.at[pl.ds(first_row, HALF)])
-                plgpu.copy_smem_to_gmem(order_smem.at[wg, j], order_ref.at[pl.ds(first_row, HALF)])
 
             @pl.when((cta == 0) & (wg == 0))
             def _pad():  # the pad rows, by the first CTA
@@ -289,7 +286,6 @@ def select_chunks_mosaic(q, hi, lo, base, *, num_tokens, block_size, picks, num_
                 plgpu.SMEM((STAGES, BLOCK_C, h), q.dtype, transforms=transforms),
                 plgpu.SMEM((2, 2, HALF, h), q.dtype, transforms=transforms),  # Q rows
                 plgpu.SMEM((2, picks, HALF), key_dtype),  # a tile's picks as keys, per compute warpgroup
-                plgpu.SMEM((2, picks, HALF), jnp.int32),  # and their rows
                 plgpu.SMEM((2, 2, mosaic_rows.ROWS), jnp.int32),  # the tile's rows in q
             ),
             (
@@ -305,10 +301,7 @@ def select_chunks_mosaic(q, hi, lo, base, *, num_tokens, block_size, picks, num_
 
     return plgpu.kernel(
         entry,
-        out_type=(
-            jax.ShapeDtypeStruct((num_rows + pad_rows,), key_dtype),
-            jax.ShapeDtypeStruct((num_rows + pad_rows,), jnp.int32),
-        ),
+        out_type=jax.ShapeDtypeStruct((num_rows + pad_rows,), key_dtype),
         grid=(programs,),
         grid_names=("cta",),
         num_threads=4,

@@ -312,10 +312,10 @@ def test_work_list_tiles_hold_each_row_once_in_its_bucket(t, n, kv, slots, chunk
     rng = np.random.default_rng(t)
     sel = rng.integers(0, max(chunks - 1, 1), (t, n, slots))
     sel = np.where(rng.random((t, n, slots)) < 0.2, -1, sel) if chunks > 1 else np.full((t, n, slots), -1)
-    keys, rows = work_keys(jnp.asarray(sel, jnp.int32), kv, chunks, block_q)
+    keys = work_keys(jnp.asarray(sel, jnp.int32), kv, chunks, block_q)
     assert keys.dtype == (jnp.uint8 if chunks <= 256 else jnp.uint16)
-    bucket, start, size, order = (np.asarray(a) for a in jax.jit(work_list, static_argnums=(2, 3, 4, 5))(
-        keys, rows, sel.size, kv, chunks, block_q))  # fmt: skip
+    bucket, start, size, order = (np.asarray(a) for a in jax.jit(work_list, static_argnums=(1, 2, 3, 4))(
+        keys, sel.size, kv, chunks, block_q))  # fmt: skip
     assert order.shape == (sel.size + block_q,)
     seen = []
     for b, s0, live in zip(bucket, start, size):

@@ -32,8 +32,8 @@ def test_lowers_to_mosaic_gpu(picks, chunks):
     lowered = fn.trace(SHAPE((t, n, h), BF16), pooled, pooled, SHAPE((1,), jnp.int32), num_tokens=t,
                        block_size=16, picks=picks, num_chunks=chunks, pad=128,
                        key_dtype=ma.key_dtype(chunks))  # fmt: skip
-    keys, rows = lowered.out_info
-    assert keys.shape == rows.shape == (n * picks * mosaic.key_tokens(t, n // kv) + 128,)
+    keys = lowered.out_info
+    assert keys.shape == (n * picks * mosaic.key_tokens(t, n // kv) + 128,)
     assert keys.dtype == (jnp.uint8 if chunks <= 256 else jnp.uint16)
     assert "mosaic_gpu" in lowered.lower(lowering_platforms=("cuda",)).as_text()
 
@@ -83,7 +83,7 @@ def test_picks_of_keys_reads_back_work_keys(t, n, kv, picks, chunks):
     past = jnp.asarray(np.where(rng.random(past.shape) < 0.3, -1, past), jnp.int32)
     padded = mosaic.key_tokens(t, n // kv)
     assert padded % mosaic.tile_tokens(n // kv) == 0 and padded >= t
-    keys, _ = ma.work_keys(jnp.pad(past, ((0, padded - t), (0, 0), (0, 0)), constant_values=-1), kv, chunks, 64)
+    keys = ma.work_keys(jnp.pad(past, ((0, padded - t), (0, 0), (0, 0)), constant_values=-1), kv, chunks, 64)
     np.testing.assert_array_equal(mosaic.picks_of_keys(keys, t, n, kv, picks, chunks), past)
 
 
@@ -179,7 +179,7 @@ def test_gpu_mosaic_ties_go_to_the_lower_chunk(block, top_k):
 @pytest.mark.gpu
 @pytest.mark.parametrize("t, n, kv, block, top_k", [(4096, 32, 8, 512, 3), (1000, 16, 2, 16, 4), (700, 8, 8, 64, 2)])
 def test_gpu_mosaic_keys_are_the_work_keys_of_its_picks(t, n, kv, block, top_k):
-    """The keys and rows the Mosaic gate writes are `work_keys` of its picks (over its
+    """The keys the Mosaic gate writes are `work_keys` of its picks (over its
     tile-padded tokens, whose slots are empty), so the work list sorts what the other gates'
     selections would give it."""
     if not mosaic_softmax.on_hopper():
@@ -187,9 +187,8 @@ def test_gpu_mosaic_keys_are_the_work_keys_of_its_picks(t, n, kv, block, top_k):
     q, k, _ = random_qkv(5, t, t, n, kv, 128, BF16)
     layout = ma._prepare(q, k, k, block, top_k, None, None, None)
     st = ma.with_kernels(ma._Static(block, top_k, 1.0, ma.MobaConfig(gate="mosaic"), False), q, kv, one_sequence=True)
-    sel, (keys, rows) = jax.jit(lambda q, k: ma._selection(st, q, k, layout))(q, k)
+    sel, keys = jax.jit(lambda q, k: ma._selection(st, q, k, layout))(q, k)
     padded = mosaic.key_tokens(t, n // kv)
     past = jnp.pad(sel[..., 1:], ((0, padded - t), (0, 0), (0, 0)), constant_values=-1)
-    want_keys, want_rows = ma.work_keys(past, kv, layout.chunk_len.shape[0], keys.shape[0] - past.size)
-    np.testing.assert_array_equal(np.asarray(keys), np.asarray(want_keys))
-    np.testing.assert_array_equal(np.asarray(rows), np.asarray(want_rows))
+    want = ma.work_keys(past, kv, layout.chunk_len.shape[0], keys.shape[0] - past.size)
+    np.testing.assert_array_equal(np.asarray(keys), np.asarray(want))

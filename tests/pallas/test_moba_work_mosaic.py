@@ -69,7 +69,7 @@ def test_gpu_work_list_matches_the_sorted_one(rows, pad, kv, chunks, empty_share
     bucket, tile, live, order = (np.asarray(x) for x in mosaic.work_list_mosaic(
         keys, num_rows=rows, num_kv_heads=kv, num_chunks=chunks))  # fmt: skip
     want_bucket, want_start, want_size, want_order = (np.asarray(x) for x in ma.work_list(
-        keys, jnp.arange(rows + pad, dtype=jnp.int32), rows, kv, chunks, mosaic.ROWS))  # fmt: skip
+        keys, rows, kv, chunks, mosaic.ROWS))  # fmt: skip
     (n,) = live
     assert n == np.count_nonzero(want_size) and not want_size[n:].any()
     np.testing.assert_array_equal(bucket[:n], want_bucket[:n])
@@ -97,9 +97,9 @@ def test_the_mosaic_partials_kernel_gets_this_work_list_where_its_counters_fit(m
     work = ma.past_work(past, kv, layout, None, st=st, config=st.config)
     if fits:
         assert work == "mosaic" and seen[0][1] == dict(num_rows=t * n * 2, num_kv_heads=kv, num_chunks=chunks)
-        np.testing.assert_array_equal(seen[0][0], keys[0])
+        np.testing.assert_array_equal(seen[0][0], keys)
         return
-    bucket, start, size, order = ma.work_list(*keys, t * n * 2, kv, chunks, mosaic.ROWS)
+    bucket, start, size, order = ma.work_list(keys, t * n * 2, kv, chunks, mosaic.ROWS)
     want = (bucket, np.stack([start, size], axis=1), [np.count_nonzero(size)], order)
     for got, expected in zip(work, want, strict=True):
         np.testing.assert_array_equal(got, expected)
