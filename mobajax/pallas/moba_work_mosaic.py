@@ -90,11 +90,6 @@ def _half_ptr(ptr, index):
     return mu.getelementptr(ptr, [index], ir.IntegerType.get_signless(16))
 
 
-def _when(cond):
-    mu, _, _, _, _ = _ops()
-    return mu.when(cond)
-
-
 def _ids():
     """(thread in the CTA's warpgroup, CTA) as i32."""
     _, ir, arith, gpu, _ = _ops()
@@ -121,7 +116,7 @@ def _rows(keys_ptr, cta, tid, *, num_rows, rows_per_head, num_kv_heads, num_chun
     spare, empty = i32(_padded(num_chunks * num_kv_heads)), i32(num_chunks - 1)
     with _loop(-(-per_cta // THREADS)) as i:
         v = arith.addi(arith.addi(first, tid), arith.muli(i, i32(THREADS)))
-        with _when(_lt(v, end)):
+        with mu.when(_lt(v, end)):
             at = mu.getelementptr(keys_ptr, [arith.muli(v, i32(VECTOR))], i8)
             words = mu.inline_ptx("ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];", at, result_types=[b32] * 4)
             for e in range(per_vector):
@@ -160,7 +155,7 @@ def _scan(values, tid, scratch):
                                convergent=True)  # fmt: skip
             total = arith.select(_lt(lane, i32(d)), total, arith.addi(total, up))
         scanned.append(total)
-        with _when(arith.cmpi(arith.CmpIPredicate.eq, lane, i32(31))):
+        with mu.when(arith.cmpi(arith.CmpIPredicate.eq, lane, i32(31))):
             store_i32(total, scratch, arith.addi(i32(4 * k), warp))
     mu.warpgroup_barrier()
     out = []
@@ -259,12 +254,12 @@ def work_list_mosaic(keys, *, num_rows, num_kv_heads, num_chunks, num_programs=N
             store_i32(total, out, i32(padded))
         mu.warpgroup_barrier()
         live_tiles = load_i32(first_tile, i32(padded))
-        with _when(arith.cmpi(arith.CmpIPredicate.eq, arith.addi(cta, tid), i32(0))):
+        with mu.when(arith.cmpi(arith.CmpIPredicate.eq, arith.addi(cta, tid), i32(0))):
             store_i32(live_tiles, live_out, i32(0))
         # 2. this CTA's share of the tiles: tile w's bucket is the last b whose first tile is <= w
         with _loop(-(-tiles // (programs * THREADS))) as i:
             w = arith.addi(arith.addi(arith.muli(cta, i32(THREADS)), tid), arith.muli(i, i32(programs * THREADS)))
-            with _when(_lt(w, live_tiles)):
+            with mu.when(_lt(w, live_tiles)):
                 lo, hi = i32(0), i32(padded)
                 for _ in range(padded.bit_length()):
                     mid = arith.divui(arith.addi(lo, hi), i32(2))
