@@ -578,7 +578,7 @@ def select_mosaic(q, kbar, layout, *, slots, block_size, pad):
     if slots == 1:
         return own, None
     num_kv_heads, num_chunks = kbar[0].shape[0], layout.chunk_len.shape[0]
-    short = mosaic.tile_tokens(num_heads // num_kv_heads) - num_tokens
+    short = mosaic_gate.tile_tokens(num_heads // num_kv_heads) - num_tokens
     keys = mosaic_gate.select_chunks_mosaic(
         jnp.pad(q, ((0, short), (0, 0), (0, 0))) if short > 0 else q,
         *(mosaic_gate.pad_chunks(x) for x in kbar), layout.token_pos[:1], num_tokens=num_tokens,

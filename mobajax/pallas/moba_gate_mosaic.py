@@ -7,13 +7,15 @@ scores q . kbar (kbar = hi + lo, the pooled keys to about 2**-16), best first, t
 chunk id (for finite scores of magnitude 0 or at least 2**-96: `block_pick`), -1 past the
 candidates (the chunks before the token's own).
 
-A tile is ROWS // G tokens x the G query heads of one kv head, as in `moba_finish_mosaic`.
-`num_programs` persistent CTAs take tiles c, c + P, ...; each runs four warpgroups:
+A tile is W * HALF // G tokens x the G query heads of one kv head (row r: token t0 + r // G, as
+in `moba_finish_mosaic`), W the compute warpgroups: four up to MAX_PICKS_MANY picks, else two
+(`compute_warpgroups`: the picks' lists need the registers). `num_programs` persistent CTAs take
+tiles c, c + P, ...; each runs W + 2 warpgroups:
 - a row warpgroup gathers the tile's query rows into its Q slot (two slots, in the layout wgmma
   reads its operand in) by per-thread copies (`mosaic_rows`);
 - a key warpgroup streams the kv head's pooled keys, BLOCK_C chunks at a time (hi and lo), into
   a ring, up to the block of the tile's last token's own chunk;
-- two compute warpgroups of 64 rows: per block, S = Q hi^T + Q lo^T in one float32 wgmma
+- W compute warpgroups of HALF rows: per block, S = Q hi^T + Q lo^T in one float32 wgmma
   accumulator, the chunks at or past each row's own masked (only in the blocks from the
   warpgroup's first row's own chunk on: the blocks before it are candidates for every row), then
   `picks` rounds of (the block's best score, its lowest chunk id among equals: `block_pick`),
@@ -21,7 +23,8 @@ A tile is ROWS // G tokens x the G query heads of one kv head, as in `moba_finis
   (a later block's chunk never wins a tie, its id is higher); the list's ids go out through SMEM
   by TMA, as the work list's keys (`moba_attention.work_keys`). A block's wgmma is
   issued before the previous block's picks, which run while it is on the tensor cores (FA3's
-  intra-warpgroup overlap).
+  intra-warpgroup overlap). The last block is picked from only its first WIDTHS places, the
+  least that hold every candidate of the warpgroup's rows.
 
 Shapes: q [T', N, H] (T' >= T, T' >= `tile_tokens`); hi, lo [K, Cp, H] (Cp a multiple of
 BLOCK_C); base [1] int32 (position of token 0) -> the work list's keys [R + pad], R =
@@ -39,10 +42,13 @@ from jax.experimental import pallas as pl
 
 from mobajax.pallas import moba_finish_mosaic as finish_mosaic
 from mobajax.pallas import mosaic_rows
-from mobajax.pallas.moba_finish_mosaic import HALF, tile_tokens
+from mobajax.pallas.moba_finish_mosaic import HALF
 
 BLOCK_C = 64  # chunks scored per step: one wgmma N tile
-STAGES = 3  # pooled-key blocks (hi and lo) in flight
+WIDTHS = (16, 32, 48, 64)  # places of a tile's last block picked from: the least past every candidate
+# compute warpgroups per CTA: four while their picks' lists fit in the registers four leave
+# (more warps to hide the picks' latencies: docs/benchmarks.md, session 24), else two
+MANY_COMPUTE, FEW_COMPUTE, MAX_PICKS_MANY = 4, 2, 4
 NO_CHUNK = float(2**24)  # an id past every chunk, exact in float32
 # a score gap of at least 2**-121 times this is at least 64, past every place in a block
 TIE_SCALE = float(2**127)
@@ -78,11 +84,33 @@ def block_pick(s, place):
     return top, idx, jnp.where(place == lax.broadcast_in_dim(idx, s.shape, [0]), -jnp.inf, s)
 
 
+def compute_warpgroups(picks: int) -> int:
+    """Compute warpgroups (HALF rows of a tile each) of a kernel with this many picks."""
+    return MANY_COMPUTE if picks <= MAX_PICKS_MANY else FEW_COMPUTE
+
+
+def tile_tokens(group: int, compute: int = MANY_COMPUTE) -> int:
+    """Tokens per tile of `compute` warpgroups of HALF rows (`group` query heads per token); by
+    default the largest tile, to which `key_tokens` rounds."""
+    return compute * HALF // group
+
+
 def key_tokens(num_tokens: int, group: int) -> int:
-    """Tokens of the gate's work-list rows: num_tokens rounded up to whole tiles (the rows of
-    tokens past the last hold the last chunk, as empty slots do)."""
+    """Tokens of the gate's work-list rows: num_tokens rounded up to whole tiles of the largest
+    size (every kernel's tiles cover them; the rows of tokens past the last hold the last chunk,
+    as empty slots do)."""
     tokens = tile_tokens(group)
     return -(-num_tokens // tokens) * tokens
+
+
+def _registers(compute: int) -> tuple[int, int]:
+    """(K/V ring stages, registers per compute thread) of a kernel with `compute` compute
+    warpgroups and two data warpgroups: what the data warpgroups (24 registers each) leave of
+    the CTA's pool (65536 / threads per thread, rounded down to a multiple of 8), up to 232;
+    three stages where SMEM has room beside the Q slots."""
+    threads = (compute + 2) * 128
+    pool = 65536 // threads // 8 * 8 * threads
+    return (3 if compute == FEW_COMPUTE else 2), min(232, (pool - 2 * 128 * 24) // (compute * 128) // 8 * 8)
 
 
 def picks_of_keys(keys, num_tokens, num_heads, num_kv_heads, picks, num_chunks):
@@ -128,17 +156,18 @@ def select_chunks_mosaic(q, hi, lo, base, *, num_tokens, block_size, picks, num_
     _, num_heads, h = q.shape
     num_kv_heads = hi.shape[0]
     group = num_heads // num_kv_heads
-    tokens, half_tokens = tile_tokens(group), HALF // group
-    tile_blocks = -(-num_tokens // tokens)
-    num_tiles = tile_blocks * num_kv_heads
+    compute = compute_warpgroups(picks)
+    stages, registers = _registers(compute)
+    tokens, half_tokens = tile_tokens(group, compute), HALF // group
+    padded = key_tokens(num_tokens, group)
+    num_tiles = padded // tokens * num_kv_heads
     programs = num_programs
     rows_of = finish_mosaic.tile_rows_of(
         group=group, num_heads=num_heads, padded_tokens=q.shape[0], num_tokens=num_tokens
     )
-    gather, _, _ = mosaic_rows.row_copies(row_bytes=h * q.dtype.itemsize, rows_of=rows_of)
+    gather, _, _ = mosaic_rows.row_copies(row_bytes=h * q.dtype.itemsize, rows_of=rows_of, rows=compute * HALF)
     tile_desc = finish_mosaic.tile_descriptors(num_tiles, num_kv_heads, tokens)
     row = plgpu.Layout.WGMMA.reduce(1)
-    padded = key_tokens(num_tokens, group)
     num_rows, pad_rows = num_heads * picks * padded, -(-pad // HALF) * HALF
     last = float(num_chunks - 1)
 
@@ -157,9 +186,9 @@ def select_chunks_mosaic(q, hi, lo, base, *, num_tokens, block_size, picks, num_
             own_last = lax.div(pos_base + jnp.minimum(t0 + tokens, num_tokens) - 1, block_size)
             return w, t0, lax.rem(w, num_kv_heads), jnp.maximum(lax.div(own_last + BLOCK_C - 1, BLOCK_C), 1)
 
-        @pl.when(wg < 2)
+        @pl.when(wg < compute)
         def _compute():
-            plgpu.set_max_registers(232, action="increase")
+            plgpu.set_max_registers(registers, action="increase")
             ri = plgpu.broadcasted_iota(jnp.int32, (HALF,), 0, layout=row)
             # a chunk's place in its block: ids are kept as float32 (exact below 2**24)
             cid = plgpu.broadcasted_iota(jnp.int32, (HALF, BLOCK_C), 1, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
@@ -186,21 +215,23 @@ def select_chunks_mosaic(q, hi, lo, base, *, num_tokens, block_size, picks, num_
                 own = lax.div(pos_base + t0 + wg * half_tokens + lax.div(ri, group), block_size)  # [HALF]
 
                 def fold(held, s, b, masked):
-                    """held with block b's raw scores s [HALF, BLOCK_C] folded in; masked: the
-                    chunks at or past each row's own dropped first (a no-op before them)."""
+                    """held with block b's raw scores s [HALF, width] (its first places) folded
+                    in; masked: the chunks at or past each row's own dropped first (a no-op
+                    before them)."""
+                    place = cid[:, : s.shape[1]]
                     first = (b * BLOCK_C).astype(jnp.float32)  # the block's first chunk id
                     if masked:
                         left = lax.broadcast_in_dim((own - b * BLOCK_C).astype(jnp.float32), s.shape, [0])
-                        s = jnp.where(cid < left, s, -jnp.inf)
-                    for _ in range(min(picks, BLOCK_C)):
-                        top, idx, s = block_pick(s, cid)
+                        s = jnp.where(place < left, s, -jnp.inf)
+                    for _ in range(min(picks, s.shape[1])):
+                        top, idx, s = block_pick(s, place)
                         held = _insert(held, top, idx + first)
                     return held
 
                 def scores(b, meanwhile=lambda: None):
                     """(block b's raw scores, meanwhile()): meanwhile runs while its wgmma is on
                     the tensor cores."""
-                    slot = lax.rem(g0 + b, STAGES)
+                    slot = lax.rem(g0 + b, stages)
                     plgpu.barrier_wait(c_ready.at[slot])
 
                     def score(acc_ref):
@@ -226,7 +257,13 @@ def select_chunks_mosaic(q, hi, lo, base, *, num_tokens, block_size, picks, num_
                 carry = ((empty,) * picks, (none,) * picks), scores(0)[0]
                 carry = lax.fori_loop(1, whole, functools.partial(step, masked=False), carry)
                 carry = lax.fori_loop(jnp.maximum(whole, 1), blocks, functools.partial(step, masked=True), carry)
-                best, ids = fold(*carry, blocks - 1, masked=True)
+                # the last block picked from its first WIDTHS[w] places, the least past every
+                # candidate of this warpgroup's rows (its last row's own chunk comes last)
+                held, last_scores = carry
+                rest = lax.div(pos_base + t0 + (wg + 1) * half_tokens - 1, block_size) - (blocks - 1) * BLOCK_C
+                w = jnp.clip(lax.div(rest + WIDTHS[0] - 1, WIDTHS[0]), 1, len(WIDTHS)) - 1
+                folds = [functools.partial(fold, held, last_scores[:, :width], blocks - 1, True) for width in WIDTHS]
+                best, ids = lax.switch(w, folds)
                 plgpu.barrier_arrive(q_free.at[qs])  # the slot's last wgmma read is done
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's keys are out
                 live = t0 + wg * half_tokens + lax.div(ri, group) < num_tokens
@@ -238,7 +275,7 @@ def select_chunks_mosaic(q, hi, lo, base, *, num_tokens, block_size, picks, num_
             lax.fori_loop(0, tiles, tile, jnp.int32(0))
             plgpu.wait_smem_to_gmem(0)
 
-        @pl.when(wg == 2)
+        @pl.when(wg == compute)
         def _keys():
             plgpu.set_max_registers(24, action="decrease")
 
@@ -248,9 +285,9 @@ def select_chunks_mosaic(q, hi, lo, base, *, num_tokens, block_size, picks, num_
                 @pl.loop(0, blocks)
                 def _block(b):
                     g = g0 + b
-                    slot = lax.rem(g, STAGES)
+                    slot = lax.rem(g, stages)
 
-                    @pl.when(g >= STAGES)
+                    @pl.when(g >= stages)
                     def _():
                         plgpu.barrier_wait(c_free.at[slot])
 
@@ -262,7 +299,7 @@ def select_chunks_mosaic(q, hi, lo, base, *, num_tokens, block_size, picks, num_
 
             lax.fori_loop(0, tiles, tile, jnp.int32(0))
 
-        @pl.when(wg == 3)
+        @pl.when(wg == compute + 1)
         def _rows():
             plgpu.set_max_registers(24, action="decrease")
 
@@ -282,19 +319,19 @@ def select_chunks_mosaic(q, hi, lo, base, *, num_tokens, block_size, picks, num_
         pl.run_scoped(
             lambda *scoped: kernel(*refs, scoped),
             (
-                plgpu.SMEM((STAGES, BLOCK_C, h), q.dtype, transforms=transforms),
-                plgpu.SMEM((STAGES, BLOCK_C, h), q.dtype, transforms=transforms),
-                plgpu.SMEM((2, 2, HALF, h), q.dtype, transforms=transforms),  # Q rows
-                plgpu.SMEM((2, picks, HALF), key_dtype),  # a tile's picks as keys, per compute warpgroup
-                plgpu.SMEM((2, 2, mosaic_rows.ROWS), jnp.int32),  # the tile's rows in q
+                plgpu.SMEM((stages, BLOCK_C, h), q.dtype, transforms=transforms),
+                plgpu.SMEM((stages, BLOCK_C, h), q.dtype, transforms=transforms),
+                plgpu.SMEM((2, compute, HALF, h), q.dtype, transforms=transforms),  # Q rows
+                plgpu.SMEM((compute, picks, HALF), key_dtype),  # a tile's picks as keys, per compute warpgroup
+                plgpu.SMEM((2, 2, compute * HALF), jnp.int32),  # the tile's rows in q
             ),
             (
-                plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # a block's hi and lo landed
+                plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # a block's hi and lo landed
                 plgpu.Barrier(num_barriers=2),  # a Q slot's rows landed
             ),
             (
-                plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # a block's slot free
-                plgpu.Barrier(num_arrivals=2, num_barriers=2),  # a Q slot free
+                plgpu.Barrier(num_arrivals=compute, num_barriers=stages),  # a block's slot free
+                plgpu.Barrier(num_arrivals=compute, num_barriers=2),  # a Q slot free
             ),
             collective_axes="wg",
         )
@@ -304,7 +341,7 @@ def select_chunks_mosaic(q, hi, lo, base, *, num_tokens, block_size, picks, num_
         out_type=jax.ShapeDtypeStruct((num_rows + pad_rows,), key_dtype),
         grid=(programs,),
         grid_names=("cta",),
-        num_threads=4,
+        num_threads=compute + 2,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(base, tile_desc, q, hi, lo)

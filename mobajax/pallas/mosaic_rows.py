@@ -1,5 +1,6 @@
-"""Per-thread row copies for the Mosaic GPU kernels: a tile's ROWS rows, scattered anywhere in a
-global array, into a tiled SMEM slot that wgmma reads as its A operand, and back out.
+"""Per-thread row copies for the Mosaic GPU kernels: a tile's rows (ROWS unless asked for more),
+scattered anywhere in a global array, into a tiled SMEM slot that wgmma reads as its A operand,
+and back out.
 
 Mosaic GPU moves global memory by whole-warpgroup arrays or by TMA, and one TMA copy per row
 costs ~39 ns per SM on the H100 (docs/benchmarks.md, session 14). These copies are Mosaic GPU code
@@ -10,7 +11,7 @@ with inline PTX (`plgpu.inline_mgpu`), run by all 128 threads of one warpgroup:
   ... (c = row_bytes / 16 threads per row), so a warp's copies cover whole rows: in with
   `cp.async` 16-byte copies, out with 16-byte `ld.shared` / `st.global` pairs.
 
-A slot is [2, HALF, H] (H * itemsize = row_bytes a multiple of 128), tiled (8, 64) with the
+A slot is [rows / HALF, HALF, H] (H * itemsize = row_bytes a multiple of 128), tiled (8, 64) with the
 128-byte swizzle (`SLOT_TRANSFORMS`): 16-byte chunk j of row r of an 8-row tile sits at chunk
 j ^ (r % 8).
 """
@@ -68,24 +69,28 @@ def _byte_ptr(ptr, row, row_size, col):
     return mu.getelementptr(ptr, [offset], i8)
 
 
-def row_copies(*, row_bytes: int, rows_of, num_refs: int = 0):
-    """(gather, scatter, scatter_words) for rows of row_bytes bytes.
+def row_copies(*, row_bytes: int, rows_of, num_refs: int = 0, rows: int = ROWS):
+    """(gather, scatter, scatter_words) for tiles of `rows` rows (a multiple of HALF) of
+    row_bytes bytes.
 
     rows_of(tile, refs, r) -> (src, dest): MLIR code giving, for entry r (i32) of a tile, the
     global row to gather (in bounds) and the global row to scatter to (-1: none); tile is the
     pointer to the tile's int32 descriptor, refs the pointers of num_refs more global refs.
-    gather(tile, src, slot, rows, *refs): rows [2, ROWS] int32 (SMEM) <- each entry's (src, dest);
-      rows src[rows[0, r]] -> slot row r; returns once this thread's copies have landed and are
+    gather(tile, src, slot, rows, *refs): slot [rows / HALF, HALF, H]; rows [2, `rows`] int32
+      (SMEM) <- each entry's (src, dest); rows src[rows[0, r]] -> slot row r; returns once this thread's copies have landed and are
       visible to wgmma. Call it only after every thread's last scatter of the slot (it starts
       with a warpgroup barrier, so the scatter's reads of rows are done).
     scatter(rows, slot, dst): slot row r -> dst[rows[1, r]] where that is >= 0.
-    scatter_words(rows, words, dst): words[r] (32-bit, SMEM [ROWS]) -> dst[rows[1, r]] likewise.
+    scatter_words(rows, words, dst): words[r] (32-bit, SMEM [`rows`]) -> dst[rows[1, r]] likewise.
     """
+    num_rows = rows
     from jax.experimental.mosaic.gpu import utils as mu
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from jaxlib.mlir import ir
     from jaxlib.mlir.dialects import arith, gpu
 
+    if num_rows % HALF:
+        raise ValueError(f"rows={num_rows}: must be a multiple of {HALF} (whole wgmma M tiles)")
     if row_bytes % 128:
         raise ValueError(f"row_bytes={row_bytes}: must be a multiple of 128 (whole swizzle rows)")
     per_row = row_bytes // CHUNK
@@ -105,8 +110,14 @@ def row_copies(*, row_bytes: int, rows_of, num_refs: int = 0):
         tid = arith.remui(arith.index_cast(b32, gpu.thread_id(gpu.Dimension.x)), i32(THREADS))
         return tid, arith.divui(tid, i32(per_row)), arith.muli(arith.remui(tid, i32(per_row)), i32(CHUNK))
 
+    def entry(tid, k):
+        """Thread tid's k-th entry, tid + k * THREADS, clamped to the last (a thread past it
+        repeats the last entry's work, writing what that entry's thread writes)."""
+        r = arith.addi(tid, i32(k * THREADS))
+        return r if (k + 1) * THREADS <= num_rows else arith.minui(r, i32(num_rows - 1))
+
     def live_dest(rows_ptr, r):
-        dest = load_i32(rows_ptr, arith.addi(r, i32(ROWS)))
+        dest = load_i32(rows_ptr, arith.addi(r, i32(num_rows)))
         return dest, arith.cmpi(arith.CmpIPredicate.sge, dest, i32(0))
 
     slot_type = plgpu.RefType(transforms=slot_transforms())
@@ -118,13 +129,13 @@ def row_copies(*, row_bytes: int, rows_of, num_refs: int = 0):
         src_ptr, slot_ptr, rows_ptr = mu.memref_ptr(src), mu.memref_ptr(slot), mu.memref_ptr(rows)
         tid, row0, col = thread()
         mu.warpgroup_barrier()
-        for k in range(ROWS // THREADS):
-            r = arith.addi(tid, i32(k * THREADS))
+        for k in range(-(-num_rows // THREADS)):
+            r = entry(tid, k)
             src_row, dest = rows_of(mu.memref_ptr(tile), [mu.memref_ptr(x) for x in refs], r)
             store_i32(src_row, rows_ptr, r)
-            store_i32(dest, rows_ptr, arith.addi(r, i32(ROWS)))
+            store_i32(dest, rows_ptr, arith.addi(r, i32(num_rows)))
         mu.warpgroup_barrier()
-        for k in range(ROWS // row_step):
+        for k in range(num_rows // row_step):
             r = arith.addi(row0, i32(k * row_step))
             from_ = _byte_ptr(src_ptr, load_i32(rows_ptr, r), row_bytes, col)
             to = _byte_ptr(slot_ptr, slot_offset(r, col), 1, i32(0))
@@ -139,7 +150,7 @@ def row_copies(*, row_bytes: int, rows_of, num_refs: int = 0):
         rows_ptr, slot_ptr, dst_ptr = mu.memref_ptr(rows), mu.memref_ptr(slot), mu.memref_ptr(dst)
         _, row0, col = thread()
         b32 = ir.IntegerType.get_signless(32)
-        for k in range(ROWS // row_step):
+        for k in range(num_rows // row_step):
             r = arith.addi(row0, i32(k * row_step))
             dest, live = live_dest(rows_ptr, r)
             from_ = _byte_ptr(slot_ptr, slot_offset(r, col), 1, i32(0))
@@ -152,8 +163,8 @@ def row_copies(*, row_bytes: int, rows_of, num_refs: int = 0):
         del ctx
         rows_ptr, words_ptr, dst_ptr = mu.memref_ptr(rows), mu.memref_ptr(words), mu.memref_ptr(dst)
         tid, _, _ = thread()
-        for k in range(ROWS // THREADS):
-            r = arith.addi(tid, i32(k * THREADS))
+        for k in range(-(-num_rows // THREADS)):
+            r = entry(tid, k)
             dest, live = live_dest(rows_ptr, r)
             to = _byte_ptr(dst_ptr, dest, 4, i32(0))
             mu.inline_ptx("st.global.b32 [$0], $1;", to, load_i32(words_ptr, r), predicate=live)

@@ -12,7 +12,8 @@ from mobajax.pallas import mosaic_rows, mosaic_softmax
 
 
 def _copy_rows(x, src, dest, out_rows):
-    """out[dest[r]] = x[src[r]] for r < ROWS where dest[r] >= 0 (other rows of out: garbage)."""
+    """out[dest[r]] = x[src[r]] for r < len(src) (a multiple of HALF) where dest[r] >= 0 (other
+    rows of out: garbage)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -20,7 +21,10 @@ def _copy_rows(x, src, dest, out_rows):
         del tile
         return mosaic_rows.load_i32(refs[0], r), mosaic_rows.load_i32(refs[1], r)
 
-    gather, scatter, _ = mosaic_rows.row_copies(row_bytes=x.shape[1] * x.dtype.itemsize, rows_of=rows_of, num_refs=2)
+    rows = src.shape[0]
+    gather, scatter, _ = mosaic_rows.row_copies(
+        row_bytes=x.shape[1] * x.dtype.itemsize, rows_of=rows_of, num_refs=2, rows=rows
+    )
 
     def kernel(x_ref, src_ref, dest_ref, out_ref):
         def body(slot, rows):
@@ -29,8 +33,9 @@ def _copy_rows(x, src, dest, out_rows):
 
         pl.run_scoped(
             body,
-            plgpu.SMEM((2, mosaic_rows.HALF, x.shape[1]), x.dtype, transforms=mosaic_rows.slot_transforms()),
-            plgpu.SMEM((2, mosaic_rows.ROWS), jnp.int32),
+            plgpu.SMEM((rows // mosaic_rows.HALF, mosaic_rows.HALF, x.shape[1]), x.dtype,
+                       transforms=mosaic_rows.slot_transforms()),  # fmt: skip
+            plgpu.SMEM((2, rows), jnp.int32),
         )
 
     return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((out_rows, x.shape[1]), x.dtype))(x, src, dest)
@@ -41,22 +46,28 @@ def test_rows_must_be_whole_swizzle_rows():
         mosaic_rows.row_copies(row_bytes=96, rows_of=None)
 
 
-def test_lowers_to_mosaic_gpu():
+def test_tiles_must_be_whole_warpgroup_halves():
+    with pytest.raises(ValueError, match="rows=100: must be a multiple of 64"):
+        mosaic_rows.row_copies(row_bytes=256, rows_of=None, rows=100)
+
+
+@pytest.mark.parametrize("rows", [128, 192])
+def test_lowers_to_mosaic_gpu(rows):
     shape = jax.ShapeDtypeStruct
-    args = (shape((1000, 128), jnp.bfloat16), shape((128,), jnp.int32), shape((128,), jnp.int32))
+    args = (shape((1000, 128), jnp.bfloat16), shape((rows,), jnp.int32), shape((rows,), jnp.int32))
     lowered = jax.jit(lambda x, s, d: _copy_rows(x, s, d, 300)).trace(*args)
     assert "mosaic_gpu" in lowered.lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("h", [64, 128, 256])
-def test_gpu_rows_go_where_their_index_says(h):
+@pytest.mark.parametrize("h, rows", [(64, 128), (128, 128), (256, 128), (128, 192), (64, 256)])
+def test_gpu_rows_go_where_their_index_says(h, rows):
     if not mosaic_softmax.on_hopper():
         pytest.skip("the Mosaic kernel needs a Hopper GPU")
-    rng = np.random.default_rng(h)
+    rng = np.random.default_rng(h + rows)
     x = jnp.asarray(rng.standard_normal((5000, h)), jnp.bfloat16)
-    src = rng.integers(0, 5000, 128).astype(np.int32)  # repeats allowed
-    dest = rng.permutation(300)[:128].astype(np.int32)
+    src = rng.integers(0, 5000, rows).astype(np.int32)  # repeats allowed
+    dest = rng.permutation(300)[:rows].astype(np.int32)
     dest[::7] = -1  # rows not written
     out = np.asarray(_copy_rows(x, jnp.asarray(src), jnp.asarray(dest), 300))
     live = dest >= 0
