@@ -77,9 +77,10 @@ def row_copies(*, row_bytes: int, rows_of, num_refs: int = 0, rows: int = ROWS):
     global row to gather (in bounds) and the global row to scatter to (-1: none); tile is the
     pointer to the tile's int32 descriptor, refs the pointers of num_refs more global refs.
     gather(tile, src, slot, rows, *refs): slot [rows / HALF, HALF, H]; rows [2, `rows`] int32
-      (SMEM) <- each entry's (src, dest); rows src[rows[0, r]] -> slot row r; returns once this thread's copies have landed and are
-      visible to wgmma. Call it only after every thread's last scatter of the slot (it starts
-      with a warpgroup barrier, so the scatter's reads of rows are done).
+      (SMEM) <- each entry's (src, dest); rows src[rows[0, r]] -> slot row r; returns once this
+      thread's copies have landed and are visible to wgmma. Call it only after every thread's
+      last scatter of the slot (it starts with a warpgroup barrier, so the scatter's reads of
+      rows are done).
     scatter(rows, slot, dst): slot row r -> dst[rows[1, r]] where that is >= 0.
     scatter_words(rows, words, dst): words[r] (32-bit, SMEM [`rows`]) -> dst[rows[1, r]] likewise.
     """
