@@ -103,7 +103,7 @@ def key_tokens(num_tokens: int, group: int) -> int:
     return -(-num_tokens // tokens) * tokens
 
 
-def _registers(compute: int) -> tuple[int, int]:
+def _stages_and_registers(compute: int) -> tuple[int, int]:
     """(K/V ring stages, registers per compute thread) of a kernel with `compute` compute
     warpgroups and two data warpgroups: what the data warpgroups (24 registers each) leave of
     the CTA's pool (65536 / threads per thread, rounded down to a multiple of 8), up to 232;
@@ -157,7 +157,7 @@ def select_chunks_mosaic(q, hi, lo, base, *, num_tokens, block_size, picks, num_
     num_kv_heads = hi.shape[0]
     group = num_heads // num_kv_heads
     compute = compute_warpgroups(picks)
-    stages, registers = _registers(compute)
+    stages, registers = _stages_and_registers(compute)
     tokens, half_tokens = tile_tokens(group, compute), HALF // group
     padded = key_tokens(num_tokens, group)
     num_tiles = padded // tokens * num_kv_heads
