@@ -11,9 +11,9 @@ with inline PTX (`plgpu.inline_mgpu`), run by all 128 threads of one warpgroup:
   ... (c = row_bytes / 16 threads per row), so a warp's copies cover whole rows: in with
   `cp.async` 16-byte copies, out with 16-byte `ld.shared` / `st.global` pairs.
 
-A slot is [rows / HALF, HALF, H] (H * itemsize = row_bytes a multiple of 128), tiled (8, 64) with the
-128-byte swizzle (`SLOT_TRANSFORMS`): 16-byte chunk j of row r of an 8-row tile sits at chunk
-j ^ (r % 8).
+A slot is [rows / HALF, HALF, H] (H * itemsize = row_bytes a multiple of 128), tiled (8, 64)
+with the 128-byte swizzle (`SLOT_TRANSFORMS`): 16-byte chunk j of row r of an 8-row tile sits
+at chunk j ^ (r % 8).
 """
 
 from __future__ import annotations
@@ -84,12 +84,12 @@ def row_copies(*, row_bytes: int, rows_of, num_refs: int = 0, rows: int = ROWS):
     scatter(rows, slot, dst): slot row r -> dst[rows[1, r]] where that is >= 0.
     scatter_words(rows, words, dst): words[r] (32-bit, SMEM [`rows`]) -> dst[rows[1, r]] likewise.
     """
-    num_rows = rows
     from jax.experimental.mosaic.gpu import utils as mu
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from jaxlib.mlir import ir
     from jaxlib.mlir.dialects import arith, gpu
 
+    num_rows = rows  # `rows` also names the copies' SMEM argument below
     if num_rows % HALF:
         raise ValueError(f"rows={num_rows}: must be a multiple of {HALF} (whole wgmma M tiles)")
     if row_bytes % 128:

@@ -87,6 +87,22 @@ def test_picks_of_keys_reads_back_work_keys(t, n, kv, picks, chunks):
     np.testing.assert_array_equal(mosaic.picks_of_keys(keys, t, n, kv, picks, chunks), past)
 
 
+@pytest.mark.parametrize("picks", [1, 4, 5, 11])
+def test_compute_warpgroups_fit_the_register_pool(picks):
+    """The compute warpgroups ask for no more registers than the data warpgroups (24 each) leave
+    of the CTA's launch pool (a larger ask would wait forever), and the tiles of either count
+    cover `key_tokens` whole."""
+    compute = mosaic.compute_warpgroups(picks)
+    assert compute == (4 if picks <= 4 else 2)
+    stages, registers = mosaic._stages_and_registers(compute)
+    threads = (compute + 2) * 128
+    pool = 65536 // threads // 8 * 8 * threads
+    assert registers % 8 == 0 and compute * 128 * registers + 2 * 128 * 24 <= pool
+    assert registers >= 104 and stages >= 2
+    for group in (1, 4, 8):
+        assert mosaic.key_tokens(1000, group) % mosaic.tile_tokens(group, compute) == 0
+
+
 def test_pad_chunks_to_whole_blocks():
     x = jnp.ones((2, 16, 8), F32)
     padded = mosaic.pad_chunks(x)
